@@ -132,6 +132,16 @@ impl DeviceSession {
         self.epoch
     }
 
+    /// Boots since manufacture (as announced).
+    pub fn boot_count(&self) -> u32 {
+        self.boot_count
+    }
+
+    /// Key blocks the device holds at most.
+    pub fn buffer_capacity(&self) -> usize {
+        self.config.max_buffered_blocks
+    }
+
     /// Counters.
     pub fn stats(&self) -> &SessionStats {
         &self.stats
