@@ -314,7 +314,7 @@ fn model(args: ModelArgs) -> anyhow::Result<()> {
     let points = qkd_physics::rate_table(&physics, &distances);
     if args.json {
         let v = if points.len() == 1 {
-            serde_json::to_value(&points[0])?
+            serde_json::to_value(points[0])?
         } else {
             serde_json::to_value(&points)?
         };

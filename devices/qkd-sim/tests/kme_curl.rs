@@ -51,9 +51,8 @@ async fn curl_gets_status_and_keys() {
     assert_eq!((code, version.as_str()), (200, "1.1"));
     let keys = keys["keys"].as_array().expect("keys array").clone();
     assert_eq!(keys.len(), 2);
-    use base64::Engine as _;
-    let first = base64::engine::general_purpose::STANDARD.decode(keys[0]["key"].as_str().expect("key")).expect("b64");
-    assert_eq!(first, &stream[..32]);
+    let first = etsi014::types::KeyMaterial::from_base64(keys[0]["key"].as_str().expect("key")).expect("base64");
+    assert_eq!(first.as_bytes(), &stream[..32]);
 
     // POST with a body and no Content-Type header (curl -d sends a form type).
     let (code, _, more) = curl(&fx, "sae-a", &["--data", r#"{"number":1,"size":512}"#], format!("{a}/api/v1/keys/{SAE_B}/enc_keys")).await;
