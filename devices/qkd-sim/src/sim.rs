@@ -609,7 +609,10 @@ impl DeviceEnd {
                 if let Err(e) = self.pty.write_all(&frame).await {
                     tracing::warn!(end = self.index, error = %e, "pty write failed");
                 }
-                line_free_at = now + Duration::from_secs_f64(wire_len as f64 * 10.0 / f64::from(self.baud));
+                // Schedule from when the line really frees up, not from when this task woke:
+                // timer wake-ups are coarse (1 ms), and a late wake must not idle the line.
+                line_free_at = line_free_at.max(now - Duration::from_millis(2))
+                    + Duration::from_secs_f64(wire_len as f64 * 10.0 / f64::from(self.baud));
             }
             self.publish(down, flipped, dropped);
             let mut wake =
