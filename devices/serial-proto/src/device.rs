@@ -294,6 +294,12 @@ impl DeviceSession {
         }
         match msg {
             Message::Credit { block_limit } => self.credit_limit = self.credit_limit.max(block_limit),
+            Message::Ack { next_seq: n } | Message::Nak { from_seq: n } if n > self.next_seq => {
+                // A host cannot have received what was never numbered: refuse rather than
+                // release (and so lose) frames it never saw.
+                let text = format!("acknowledgement of {n} is beyond the next sequence number {}", self.next_seq);
+                self.send_unreliable(self.epoch, &error(error_code::UNEXPECTED, text));
+            }
             Message::Ack { next_seq } => self.acknowledge(next_seq),
             Message::Nak { from_seq } => {
                 self.acknowledge(from_seq);
@@ -355,7 +361,8 @@ impl DeviceSession {
     }
 
     fn acknowledge(&mut self, next_seq: u32) {
-        while self.in_flight.front().is_some_and(|f| f.seq < next_seq) {
+        // Only frames that actually went out can have been received.
+        while self.in_flight.front().is_some_and(|f| f.seq < next_seq && f.sent_at.is_some()) {
             self.in_flight.pop_front();
             self.send_cursor = self.send_cursor.saturating_sub(1);
         }

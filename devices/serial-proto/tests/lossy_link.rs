@@ -311,3 +311,38 @@ fn silent_device_is_detected_and_a_new_session_follows() {
         "no new session after the line came back"
     );
 }
+
+#[test]
+fn an_ack_beyond_what_was_sent_releases_nothing() {
+    let now = Instant::now();
+    let mut host = HostSession::with_seed(HostConfig::default(), now, 3);
+    let mut device = DeviceSession::with_seed(device_config(4), 1, 4);
+    for id in 1..=6 {
+        device.push_key_block(KeyBlock::new(id, 0, 0, 64, key_for(id, 32))).unwrap();
+    }
+    host.request_blocks(6);
+    // Open the session, then let the device send (but the host not read) its window.
+    for _ in 0..3 {
+        while let Some(b) = host.poll_transmit() {
+            device.handle_bytes(now, &b);
+        }
+        while let Some(b) = device.poll_transmit(now) {
+            host.handle_bytes(now, &b);
+        }
+    }
+    let epoch = device.epoch();
+    let mut stolen = Vec::new();
+    while let Some(b) = device.poll_transmit(now) {
+        stolen.push(b);
+    }
+    // A buggy host acknowledges far ahead.
+    let ack = qkd_serial_proto::RawFrame {
+        version: 1,
+        msg_type: qkd_serial_proto::MessageType::Ack as u8,
+        epoch,
+        seq: 0,
+        body: qkd_serial_proto::Message::Ack { next_seq: 1000 }.encode_body(),
+    };
+    device.handle_bytes(now, &ack.to_wire());
+    assert_eq!(device.buffered_blocks(), 6, "blocks were released by an impossible ACK");
+}
