@@ -20,7 +20,10 @@ use zeroize::Zeroizing;
 
 pub use qkd_serial_proto::{Alarm, DeviceRole, LinkState, Severity};
 
+mod any;
+pub mod kme;
 pub mod serial;
+pub use any::AnyDevice;
 
 /// Identifies a key block at both ends of a link.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -34,6 +34,7 @@ pub struct SerialConfig {
     #[serde(default = "default_ping_interval_ms")]
     pub ping_interval_ms: u64,
     /// Milliseconds of silence after which the device counts as gone and the host re-handshakes.
+    /// Raised automatically on slow lines to three maximal frames' time plus one second.
     #[serde(default = "default_dead_after_ms")]
     pub dead_after_ms: u64,
     /// Least milliseconds between two NAKs for the same sequence number.
@@ -82,10 +83,14 @@ impl SerialConfig {
     }
 
     fn host_config(&self) -> HostConfig {
+        // A slow line can take seconds to carry one maximal frame; the device is not silent
+        // while it does. Never judge it dead in less than three such frames plus a second.
+        let frame_ms =
+            (qkd_serial_proto::frame::MAX_ENCODED_LEN as u64 + 1) * 10 * 1000 / u64::from(self.baud_rate);
         HostConfig {
             hello_interval: Duration::from_millis(self.hello_interval_ms),
             ping_interval: Duration::from_millis(self.ping_interval_ms),
-            dead_after: Duration::from_millis(self.dead_after_ms),
+            dead_after: Duration::from_millis(self.dead_after_ms.max(3 * frame_ms + 1000)),
             nak_holdoff: Duration::from_millis(self.nak_holdoff_ms),
         }
     }

@@ -40,6 +40,10 @@ pub struct SimConfig {
     /// Seconds between telemetry reports to the hosts.
     #[serde(default = "default_telemetry_interval_s")]
     pub telemetry_interval_s: f64,
+    /// KME mode: the pair is exposed as two ETSI GS QKD 014 KMEs instead of two serial devices
+    /// (see `docs/qkd-sim.md`). Key blocks then go only to the KMEs, never to the ptys.
+    #[serde(default)]
+    pub kme: Option<crate::kme::KmeConfig>,
 }
 
 /// Key-block settings.
@@ -146,6 +150,7 @@ impl Default for SimConfig {
             bob: default_bob(),
             control_socket: None,
             telemetry_interval_s: default_telemetry_interval_s(),
+            kme: None,
         }
     }
 }
@@ -261,6 +266,28 @@ mod tests {
         let text = "[physics]\ndistance_km = -4\n";
         let err = SimConfig::parse(text, Path::new("sim.toml")).unwrap_err().to_string();
         assert!(err.contains("distance_km"), "{err}");
+    }
+
+    #[test]
+    fn kme_mode_is_configured_in_its_own_table() {
+        let text = r#"
+[kme]
+listen_a = "127.0.0.1:0"
+listen_b = "127.0.0.1:0"
+kme_id_a = "KME-A"
+kme_id_b = "KME-B"
+sae_id_a = "A-app"
+sae_id_b = "B-app"
+server_cert_a = "a.crt"
+server_key_a = "a.key"
+server_cert_b = "b.crt"
+server_key_b = "b.key"
+client_ca = "ca.crt"
+"#;
+        let c = SimConfig::parse(text, Path::new("sim.toml")).unwrap();
+        assert_eq!(c.kme.unwrap().kme_id_b, "KME-B");
+        let err = SimConfig::parse(&format!("{text}bogus = 1\n"), Path::new("sim.toml")).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
     }
 
     #[test]

@@ -108,7 +108,9 @@ fn default_max_stored_keys() -> u64 {
 impl KmeConfig {
     fn validate(&self) -> Result<(), KmeError> {
         let bad = |what: String| Err(KmeError::Config(what));
-        if self.key_size_bits % 8 != 0 || !(MIN_KEY_SIZE_BITS..=MAX_KEY_SIZE_BITS).contains(&self.key_size_bits) {
+        if !self.key_size_bits.is_multiple_of(8)
+            || !(MIN_KEY_SIZE_BITS..=MAX_KEY_SIZE_BITS).contains(&self.key_size_bits)
+        {
             return bad(format!(
                 "key_size_bits = {} must be a multiple of 8 in {MIN_KEY_SIZE_BITS}..={MAX_KEY_SIZE_BITS}",
                 self.key_size_bits
@@ -120,9 +122,12 @@ impl KmeConfig {
         if self.max_stored_keys == 0 {
             return bad("max_stored_keys must be at least 1".into());
         }
-        for (name, value) in
-            [("kme_id_a", &self.kme_id_a), ("kme_id_b", &self.kme_id_b), ("sae_id_a", &self.sae_id_a), ("sae_id_b", &self.sae_id_b)]
-        {
+        for (name, value) in [
+            ("kme_id_a", &self.kme_id_a),
+            ("kme_id_b", &self.kme_id_b),
+            ("sae_id_a", &self.sae_id_a),
+            ("sae_id_b", &self.sae_id_b),
+        ] {
             if value.is_empty() {
                 return bad(format!("{name} must not be empty"));
             }
@@ -189,16 +194,20 @@ impl KmePair {
         let tls_b = tls_for('B', &cfg.server_cert_b, &cfg.server_key_b)?;
         let listener_a = bind('A', cfg.listen_a).await?;
         let listener_b = bind('B', cfg.listen_b).await?;
-        let addr_of = |kme, l: &TcpListener, addr| l.local_addr().map_err(|source| KmeError::Bind { kme, addr, source });
+        let addr_of = |kme, l: &TcpListener, addr| {
+            l.local_addr().map_err(|source| KmeError::Bind { kme, addr, source })
+        };
         let addrs = (addr_of('A', &listener_a, cfg.listen_a)?, addr_of('B', &listener_b, cfg.listen_b)?);
 
         let shared = Arc::new(Shared::new(&cfg));
         let feeder = tokio::spawn(feed(shared.clone(), blocks));
         let mut servers = Vec::with_capacity(2);
         for (side, listener, tls) in [(Side::A, listener_a, tls_a), (Side::B, listener_b, tls_b)] {
-            let router = router(SideState { shared: shared.clone(), side, identities: SaeIdentityMap::subject_cn() });
-            let handle = server::spawn(listener, tls, router, ServeOptions::default())
-                .map_err(|source| KmeError::Bind { kme: side.letter(), addr: cfg_addr(&cfg, side), source })?;
+            let router =
+                router(SideState { shared: shared.clone(), side, identities: SaeIdentityMap::subject_cn() });
+            let handle = server::spawn(listener, tls, router, ServeOptions::default()).map_err(|source| {
+                KmeError::Bind { kme: side.letter(), addr: cfg_addr(&cfg, side), source }
+            })?;
             servers.push(handle);
         }
         tracing::info!(a = %addrs.0, b = %addrs.1, sae_a = %cfg.sae_id_a, sae_b = %cfg.sae_id_b, "ETSI 014 KME pair started");
@@ -316,7 +325,10 @@ struct Assigned {
 
 impl std::fmt::Debug for Assigned {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Assigned").field("seq", &self.seq).field("master", &self.master).finish_non_exhaustive()
+        f.debug_struct("Assigned")
+            .field("seq", &self.seq)
+            .field("master", &self.master)
+            .finish_non_exhaustive()
     }
 }
 
@@ -439,7 +451,8 @@ impl SideState {
         if sae == self.remote_sae() {
             Ok(())
         } else {
-            Err(ApiError::bad_request("the SAE ID in the path is not known to this KME").with_detail("SAE_ID", sae))
+            Err(ApiError::bad_request("the SAE ID in the path is not known to this KME")
+                .with_detail("SAE_ID", sae))
         }
     }
 }
@@ -487,7 +500,8 @@ async fn enc_keys_get(
     let mut request = KeyRequest::default();
     for (name, value) in server::query_pairs(query.as_deref()) {
         let parse = |v: &str| {
-            v.parse::<u32>().map_err(|_| ApiError::parameters_not_adhering().with_detail(name.clone(), v.to_owned()))
+            v.parse::<u32>()
+                .map_err(|_| ApiError::parameters_not_adhering().with_detail(name.clone(), v.to_owned()))
         };
         match name.as_str() {
             "number" => request.number = Some(parse(&value)?),
@@ -527,10 +541,11 @@ fn enc_keys(
     }
     let number = request.number.unwrap_or(1);
     if number == 0 || number > shared.max_keys_per_request {
-        return Err(ApiError::parameters_not_adhering().with_detail("max_key_per_request", shared.max_keys_per_request));
+        return Err(ApiError::parameters_not_adhering()
+            .with_detail("max_key_per_request", shared.max_keys_per_request));
     }
     let size = request.size.unwrap_or(shared.key_size_bits);
-    if size % 8 != 0 {
+    if !size.is_multiple_of(8) {
         return Err(ApiError::size_not_multiple_of_8());
     }
     if !(MIN_KEY_SIZE_BITS..=MAX_KEY_SIZE_BITS).contains(&size) {
@@ -602,8 +617,11 @@ async fn dec_keys_get(
     SaeIdPath(master): SaeIdPath,
     RawQuery(query): RawQuery,
 ) -> Result<JsonResponse<KeyContainer>, ApiError> {
-    let ids: Vec<String> =
-        server::query_pairs(query.as_deref()).into_iter().filter(|(k, _)| k == "key_ID").map(|(_, v)| v).collect();
+    let ids: Vec<String> = server::query_pairs(query.as_deref())
+        .into_iter()
+        .filter(|(k, _)| k == "key_ID")
+        .map(|(_, v)| v)
+        .collect();
     dec_keys(&st, caller, master, ids)
 }
 
@@ -618,14 +636,20 @@ async fn dec_keys_post(
 
 /// *Get key with key IDs*: hands the slave SAE the keys its master obtained, once. All or
 /// nothing: if any ID is not deliverable, nothing is delivered or erased.
-fn dec_keys(st: &SideState, caller: String, master: String, ids: Vec<String>) -> Result<JsonResponse<KeyContainer>, ApiError> {
+fn dec_keys(
+    st: &SideState,
+    caller: String,
+    master: String,
+    ids: Vec<String>,
+) -> Result<JsonResponse<KeyContainer>, ApiError> {
     st.authorize(&caller)?;
     st.check_peer(&master)?;
     if ids.is_empty() {
         return Err(ApiError::parameters_not_adhering().with_detail("key_IDs", "no key_ID given"));
     }
     if ids.len() > st.shared.max_keys_per_request as usize {
-        return Err(ApiError::parameters_not_adhering().with_detail("max_key_per_request", st.shared.max_keys_per_request));
+        return Err(ApiError::parameters_not_adhering()
+            .with_detail("max_key_per_request", st.shared.max_keys_per_request));
     }
     // Key IDs are UUIDs: accept any case, look up the canonical form.
     let canonical: Vec<Option<String>> =

@@ -13,8 +13,10 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod conformance;
 pub mod control;
 pub mod host;
+pub mod kme;
 pub mod pty;
 pub mod sim;
 

@@ -30,6 +30,9 @@ enum Command {
     Model(ModelArgs),
     /// Play the host side against a device and print the blocks and telemetry it delivers.
     Host(HostArgs),
+    /// Test a device against the serial protocol specification and report PASS/FAIL per check
+    /// (exit status 0 all passed, 1 a check failed, 2 the device could not be tested).
+    Conformance(ConformanceArgs),
 }
 
 #[derive(clap::Args)]
@@ -150,6 +153,34 @@ struct HostArgs {
     json: bool,
 }
 
+#[derive(clap::Args)]
+struct ConformanceArgs {
+    /// The device's serial port (a UART such as /dev/ttyUSB0, or a pseudo-terminal).
+    #[arg(long, short)]
+    device: PathBuf,
+    /// Line speed in baud (8N1, no flow control); every wait is lengthened for slow lines.
+    #[arg(long, default_value_t = 115_200)]
+    baud_rate: u32,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Milliseconds the device may take to answer a frame (HELLO, PING, a bad frame).
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
+    /// Milliseconds the device must send no KEY_BLOCK without credit, and none beyond it.
+    #[arg(long, default_value_t = 2000)]
+    quiet_ms: u64,
+    /// Milliseconds the device may take to deliver credited key blocks (it may distil them first).
+    #[arg(long, default_value_t = 30_000)]
+    block_wait_ms: u64,
+    /// Milliseconds the device may take to resend an unacknowledged frame.
+    #[arg(long, default_value_t = 10_000)]
+    retransmit_wait_ms: u64,
+    /// Milliseconds after the handshake within which the first TELEMETRY must arrive.
+    #[arg(long, default_value_t = 5000)]
+    telemetry_wait_ms: u64,
+}
+
 fn main() -> anyhow::Result<()> {
     // Behave like other command-line tools when stdout is a closed pipe (`| head`): exit quietly.
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
@@ -172,6 +203,26 @@ fn main() -> anyhow::Result<()> {
         Command::Host(args) => {
             rt.block_on(qkd_sim::host::run(args.device, args.baud_rate, args.blocks, args.json))?;
             Ok(())
+        }
+        Command::Conformance(args) => {
+            let opts = qkd_sim::conformance::ConformanceOptions {
+                baud_rate: args.baud_rate,
+                timeout: Duration::from_millis(args.timeout_ms),
+                quiet_period: Duration::from_millis(args.quiet_ms),
+                block_wait: Duration::from_millis(args.block_wait_ms),
+                retransmit_wait: Duration::from_millis(args.retransmit_wait_ms),
+                telemetry_wait: Duration::from_millis(args.telemetry_wait_ms),
+                ..qkd_sim::conformance::ConformanceOptions::new(args.device)
+            };
+            // Exit status: 0 every check passed, 1 a check failed, 2 the device could not be tested.
+            match rt.block_on(qkd_sim::conformance::cli(opts, args.json)) {
+                Ok(true) => Ok(()),
+                Ok(false) => std::process::exit(1),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(2)
+                }
+            }
         }
     }
 }
@@ -201,10 +252,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let control_socket = config.control_socket.clone();
     let link_id = config.link_id.clone();
-    let sim = Arc::new(Simulator::start(config, None)?);
+    // KME mode: the link's blocks feed two ETSI GS QKD 014 KMEs instead of the serial ends.
+    let (sim, kme) = match config.kme.clone() {
+        Some(kme_config) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(4096);
+            let kme = qkd_sim::kme::KmePair::start(kme_config, rx).await?;
+            (Simulator::start(config, Some(tx))?, Some(kme))
+        }
+        None => (Simulator::start(config, None)?, None),
+    };
+    let sim = Arc::new(sim);
     let status = sim.status();
-    println!("alice: {} ({})", status.alice.pty, status.alice.device_id);
-    println!("bob:   {} ({})", status.bob.pty, status.bob.device_id);
+    let kme_addrs = kme.as_ref().map(|k| k.addrs());
+    match kme_addrs {
+        Some((a, b)) => {
+            println!("KME A: https://{a}/api/v1/keys/");
+            println!("KME B: https://{b}/api/v1/keys/");
+        }
+        None => {
+            println!("alice: {} ({})", status.alice.pty, status.alice.device_id);
+            println!("bob:   {} ({})", status.bob.pty, status.bob.device_id);
+        }
+    }
     if let Some(path) = &control_socket {
         let sim = sim.clone();
         let socket = path.clone();
@@ -222,6 +291,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             "control_socket": control_socket,
             "alice": { "pty": status.alice.pty, "device_id": status.alice.device_id },
             "bob": { "pty": status.bob.pty, "device_id": status.bob.device_id },
+            "kme": kme_addrs.map(|(a, b)| serde_json::json!({
+                "a": format!("https://{a}"),
+                "b": format!("https://{b}"),
+            })),
         });
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)
@@ -313,11 +386,8 @@ fn model(args: ModelArgs) -> anyhow::Result<()> {
     }
     let points = qkd_physics::rate_table(&physics, &distances);
     if args.json {
-        let v = if points.len() == 1 {
-            serde_json::to_value(points[0])?
-        } else {
-            serde_json::to_value(&points)?
-        };
+        let v =
+            if points.len() == 1 { serde_json::to_value(points[0])? } else { serde_json::to_value(&points)? };
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }

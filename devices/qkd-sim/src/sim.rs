@@ -671,7 +671,8 @@ impl DeviceEnd {
                     });
                 }
             }
-            Err(full) => {
+            Err(refused @ qkd_serial_proto::PushError::BufferFull { .. }) => {
+                let full = refused;
                 lock(&self.shared).status_end(self.index).discarded_blocks += 1;
                 if !self.buffer_full_alarm {
                     self.buffer_full_alarm = true;
@@ -682,6 +683,11 @@ impl DeviceEnd {
                         text: format!("{full}; new blocks are discarded until the host reads"),
                     });
                 }
+            }
+            Err(refused) => {
+                // The engine only makes valid blocks; this would be a simulator bug.
+                lock(&self.shared).status_end(self.index).discarded_blocks += 1;
+                tracing::error!(error = %refused, "device refused a key block from the link engine");
             }
         }
     }

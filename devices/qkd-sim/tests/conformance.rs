@@ -177,7 +177,7 @@ async fn fake_device(pty: Pty, fault: Fault) {
         if fault == Fault::Garbage {
             counter = counter.wrapping_add(1);
             let junk: Vec<u8> = (0..200u32)
-                .map(|i| if (i + counter) % 97 == 0 { 0 } else { (i * 31 + counter) as u8 | 1 })
+                .map(|i| if (i + counter).is_multiple_of(97) { 0 } else { (i * 31 + counter) as u8 | 1 })
                 .collect();
             if pty.write_all(&junk).await.is_err() {
                 return;

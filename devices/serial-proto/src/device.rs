@@ -37,12 +37,48 @@ pub struct DeviceConfig {
     pub max_buffered_blocks: usize,
 }
 
-/// Returned when the device's key buffer is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the device key buffer is full ({capacity} blocks)")]
-pub struct BufferFull {
-    /// Buffer capacity in blocks.
-    pub capacity: usize,
+/// Why the device refused a key block. Each case is a block the host would reject (so it would
+/// be retransmitted forever and stall every block behind it) or one the device cannot hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    /// The key buffer is full.
+    #[error("the device key buffer is full ({capacity} blocks)")]
+    BufferFull {
+        /// Buffer capacity in blocks.
+        capacity: usize,
+    },
+    /// The key is empty or longer than the device announces (or a frame can carry).
+    #[error("key block {block_id} has {len} key bytes; allowed 1..={max}")]
+    BadLength {
+        /// The block.
+        block_id: u64,
+        /// Its key length.
+        len: usize,
+        /// The largest allowed.
+        max: usize,
+    },
+    /// The QBER field is above 100 %.
+    #[error("key block {block_id} reports a QBER of {qber_ppm} ppm, above 1,000,000")]
+    BadQber {
+        /// The block.
+        block_id: u64,
+        /// The reported value.
+        qber_ppm: u32,
+    },
+    /// The key check value does not match the key.
+    #[error("key block {block_id} does not match its key check value")]
+    BadKcv {
+        /// The block.
+        block_id: u64,
+    },
+    /// Block identifiers must increase; the host drops a lower one as a duplicate.
+    #[error("key block {block_id} does not follow block {last}: identifiers must increase")]
+    NotIncreasing {
+        /// The block.
+        block_id: u64,
+        /// The last block accepted.
+        last: u64,
+    },
 }
 
 struct InFlight {
@@ -72,6 +108,7 @@ pub struct DeviceSession {
     blocks_sent_in_epoch: u32,
     last_rewind: Option<(u32, Instant)>,
     last_no_session_reply: Option<Instant>,
+    last_block_id: Option<u64>,
     stats: SessionStats,
 }
 
@@ -104,6 +141,7 @@ impl DeviceSession {
             blocks_sent_in_epoch: 0,
             last_rewind: None,
             last_no_session_reply: None,
+            last_block_id: None,
             stats: SessionStats::default(),
         };
         s.announce();
@@ -157,11 +195,28 @@ impl DeviceSession {
         if self.in_session() { self.credit_limit.saturating_sub(self.blocks_sent_in_epoch) } else { 0 }
     }
 
-    /// Queues a distilled key block for the host.
-    pub fn push_key_block(&mut self, block: KeyBlock) -> Result<(), BufferFull> {
-        if self.buffered_blocks() >= self.config.max_buffered_blocks {
-            return Err(BufferFull { capacity: self.config.max_buffered_blocks });
+    /// Queues a distilled key block for the host, after checking that the host can accept it.
+    pub fn push_key_block(&mut self, block: KeyBlock) -> Result<(), PushError> {
+        let block_id = block.block_id;
+        let max = usize::from(self.config.max_key_len).min(crate::MAX_KEY_LEN);
+        if block.key.is_empty() || block.key.len() > max {
+            return Err(PushError::BadLength { block_id, len: block.key.len(), max });
         }
+        if block.qber_ppm > 1_000_000 {
+            return Err(PushError::BadQber { block_id, qber_ppm: block.qber_ppm });
+        }
+        if !block.kcv_matches() {
+            return Err(PushError::BadKcv { block_id });
+        }
+        if let Some(last) = self.last_block_id
+            && block_id <= last
+        {
+            return Err(PushError::NotIncreasing { block_id, last });
+        }
+        if self.buffered_blocks() >= self.config.max_buffered_blocks {
+            return Err(PushError::BufferFull { capacity: self.config.max_buffered_blocks });
+        }
+        self.last_block_id = Some(block_id);
         self.blocks.push_back(block);
         Ok(())
     }
@@ -297,7 +352,8 @@ impl DeviceSession {
             Message::Ack { next_seq: n } | Message::Nak { from_seq: n } if n > self.next_seq => {
                 // A host cannot have received what was never numbered: refuse rather than
                 // release (and so lose) frames it never saw.
-                let text = format!("acknowledgement of {n} is beyond the next sequence number {}", self.next_seq);
+                let text =
+                    format!("acknowledgement of {n} is beyond the next sequence number {}", self.next_seq);
                 self.send_unreliable(self.epoch, &error(error_code::UNEXPECTED, text));
             }
             Message::Ack { next_seq } => self.acknowledge(next_seq),

@@ -384,8 +384,10 @@ impl HostSession {
                 self.blocks_in_epoch += 1;
                 self.ack_due = true;
                 if self.last_block_id.is_some_and(|last| block.block_id <= last) {
-                    // Resent after a reboot or re-handshake; the owner already has it.
+                    // Resent after a reboot or re-handshake; the owner already has it. It used
+                    // up credit, so raise the limit now rather than at the next ping.
                     self.stats.duplicate_blocks += 1;
+                    self.send_credit();
                     return;
                 }
                 self.last_block_id = Some(block.block_id);
@@ -429,6 +431,8 @@ impl HostSession {
     }
 
     fn lose_session(&mut self, why: SessionLoss, now: Instant) {
+        // An ACK still pending belongs to the old epoch; sent now it would only draw an error.
+        self.ack_due = false;
         self.stats.sessions_lost += 1;
         self.events.push_back(HostEvent::SessionLost(why));
         self.start_handshake(now);

@@ -49,7 +49,7 @@ mod host;
 pub mod message;
 mod stats;
 
-pub use device::{BufferFull, DeviceConfig, DeviceSession};
+pub use device::{DeviceConfig, DeviceSession, PushError};
 pub use frame::{FrameDecoder, FrameError, RawFrame};
 pub use host::{DeviceInfo, HostConfig, HostEvent, HostSession, RENEW_AFTER_SEQ, Rejection, SessionLoss};
 pub use message::{

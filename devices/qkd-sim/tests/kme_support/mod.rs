@@ -24,6 +24,7 @@ pub struct Fixture {
     pub blocks: mpsc::Sender<KeyBlock>,
     pub sae_a: Issued,
     pub sae_b: Issued,
+    pub config: KmeConfig,
     next_block: u64,
 }
 
@@ -74,8 +75,16 @@ impl Fixture {
             max_stored_keys: limits.max_stored_keys,
         };
         let (blocks, rx) = mpsc::channel(64);
-        let pair = KmePair::start(cfg, rx).await.expect("KME pair starts");
-        Fixture { dir, ca, pair, blocks, sae_a, sae_b, next_block: 1 }
+        let pair = KmePair::start(cfg.clone(), rx).await.expect("KME pair starts");
+        Fixture { dir, ca, pair, blocks, sae_a, sae_b, config: cfg, next_block: 1 }
+    }
+
+    /// Stops the pair; [`Stopped::start`] starts a new one on the same addresses.
+    pub async fn stop(self) -> Stopped {
+        let Fixture { dir, ca, pair, sae_a, sae_b, mut config, next_block, .. } = self;
+        (config.listen_a, config.listen_b) = pair.addrs();
+        pair.shutdown().await;
+        Stopped { dir, ca, sae_a, sae_b, config, next_block }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -111,11 +120,7 @@ impl Fixture {
     pub async fn feed(&mut self, keys: Vec<Vec<u8>>) {
         let before = self.pair.pool_bytes();
         let total: usize = keys.iter().map(Vec::len).sum();
-        for key in keys {
-            let block = KeyBlock::new(self.next_block, 0, 20_000, 64, key);
-            self.next_block += 1;
-            self.blocks.send(block).await.expect("feeder alive");
-        }
+        self.send(keys).await;
         for _ in 0..500 {
             if self.pair.pool_bytes() >= before + total {
                 return;
@@ -123,6 +128,15 @@ impl Fixture {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         panic!("the pool did not take the blocks");
+    }
+
+    /// Sends key blocks with these contents into the link's stream, without waiting.
+    pub async fn send(&mut self, keys: Vec<Vec<u8>>) {
+        for key in keys {
+            let block = KeyBlock::new(self.next_block, 0, 20_000, 64, key);
+            self.next_block += 1;
+            self.blocks.send(block).await.expect("feeder alive");
+        }
     }
 
     /// Feeds `n` blocks of `len` random bytes; returns their concatenation.
@@ -139,5 +153,25 @@ impl Fixture {
         let all = keys.concat();
         self.feed(keys).await;
         all
+    }
+}
+
+/// A fixture whose KME pair is stopped.
+pub struct Stopped {
+    dir: tempfile::TempDir,
+    ca: Ca,
+    sae_a: Issued,
+    sae_b: Issued,
+    config: KmeConfig,
+    next_block: u64,
+}
+
+impl Stopped {
+    /// A new pair (with an empty pool) on the old addresses.
+    pub async fn start(self) -> Fixture {
+        let Stopped { dir, ca, sae_a, sae_b, config, next_block } = self;
+        let (blocks, rx) = mpsc::channel(64);
+        let pair = KmePair::start(config.clone(), rx).await.expect("KME pair restarts");
+        Fixture { dir, ca, pair, blocks, sae_a, sae_b, config, next_block }
     }
 }

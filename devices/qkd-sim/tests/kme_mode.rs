@@ -1,0 +1,103 @@
+//! `qkd-sim run` in KME mode: the simulated link's key blocks, from the physics model, are
+//! served by two ETSI GS QKD 014 KMEs; a key taken at A is the key given at B, once.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use etsi014::client::Etsi014Client;
+use etsi014::pki::Ca;
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_the_link_as_two_kmes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new("test SAE CA").unwrap();
+    std::fs::write(d.join("ca.pem"), ca.ca_pem()).unwrap();
+    ca.server(&["localhost", "127.0.0.1"]).unwrap().write(d, "kme-a").unwrap();
+    ca.server(&["localhost", "127.0.0.1"]).unwrap().write(d, "kme-b").unwrap();
+    let sae_a = ca.client("A-app").unwrap();
+    let sae_b = ca.client("B-app").unwrap();
+    let p = |n: &str| d.join(n).display().to_string();
+    let config = format!(
+        r#"
+link_id = "kme-link"
+[physics]
+distance_km = 10
+pulse_rate_hz = 1e9
+[kme]
+listen_a = "127.0.0.1:0"
+listen_b = "127.0.0.1:0"
+kme_id_a = "KME-A"
+kme_id_b = "KME-B"
+sae_id_a = "A-app"
+sae_id_b = "B-app"
+server_cert_a = "{}"
+server_key_a = "{}"
+server_cert_b = "{}"
+server_key_b = "{}"
+client_ca = "{}"
+"#,
+        p("kme-a.pem"),
+        p("kme-a.key"),
+        p("kme-b.pem"),
+        p("kme-b.key"),
+        p("ca.pem")
+    );
+    std::fs::write(d.join("sim.toml"), config).unwrap();
+    let state = d.join("state.json");
+    let _sim = Kill(
+        Command::new(env!("CARGO_BIN_EXE_qkd-sim"))
+            .args(["run", "--print-every", "0", "--config"])
+            .arg(d.join("sim.toml"))
+            .arg("--state-file")
+            .arg(&state)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    let info: serde_json::Value = loop {
+        if let Ok(bytes) = std::fs::read(&state)
+            && let Ok(v) = serde_json::from_slice(&bytes)
+        {
+            break v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "qkd-sim wrote no state file");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let url_a = info["kme"]["a"].as_str().unwrap();
+    let url_b = info["kme"]["b"].as_str().unwrap();
+    let a = Etsi014Client::new(url_a, sae_a.tls(&ca.ca_pem())).unwrap();
+    let b = Etsi014Client::new(url_b, sae_b.tls(&ca.ca_pem())).unwrap();
+    let status = a.status("B-app").await.unwrap();
+    assert_eq!(status.source_kme_id, "KME-A");
+    // Keys appear as the simulated link distils them.
+    let keys = loop {
+        match a.enc_keys("B-app", 4, Some(256)).await {
+            Ok(k) => break k,
+            Err(e) if e.status() == Some(503) && start.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("enc_keys: {e}"),
+        }
+    };
+    assert_eq!(keys.keys.len(), 4);
+    let ids: Vec<String> = keys.keys.iter().map(|k| k.key_id.clone()).collect();
+    let got = b.dec_keys("A-app", &ids).await.unwrap();
+    for (x, y) in keys.keys.iter().zip(&got.keys) {
+        assert_eq!(x.key_id, y.key_id);
+        assert_eq!(x.key, y.key, "key {} differs between the sites", x.key_id);
+        assert_eq!(x.key.len(), 32);
+    }
+    let again = b.dec_keys("A-app", &ids).await.unwrap_err();
+    assert_eq!(again.status(), Some(400), "{again}");
+}
