@@ -118,7 +118,7 @@ enum OnOff {
 #[derive(clap::Args)]
 struct ModelArgs {
     /// Fibre length in km.
-    #[arg(long, required_unless_present_any = ["max_distance", "table"])]
+    #[arg(long, allow_negative_numbers = true, required_unless_present_any = ["max_distance", "table"])]
     distance_km: Option<f64>,
     /// Print the distance at which the secret key rate reaches zero.
     #[arg(long)]
