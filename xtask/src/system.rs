@@ -10,7 +10,42 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("softhsm2", "PKCS#11 token for the HSM key-wrapping tests"),
     ("curl", "third-party ETSI GS QKD 014 client in the KME tests"),
     ("ca-certificates", "TLS roots for apt and pip"),
+    ("python3-venv", "the venv for the Python test clients"),
 ];
+
+/// Creates (or refreshes, when the requirements changed) the venv with the Python test clients
+/// and returns its interpreter.
+pub fn python_venv() -> anyhow::Result<PathBuf> {
+    let requirements = workspace_root().join("tests/python-requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements)
+        .with_context(|| format!("reading {}", requirements.display()))?;
+    let venv = target_dir("py-venv");
+    let stamp = venv.join("requirements.installed");
+    let python = venv.join("bin/python");
+    if python.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(python);
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    let status = Command::new("python3")
+        .arg("-m")
+        .arg("venv")
+        .arg(&venv)
+        .status()
+        .context("running python3 -m venv")?;
+    if !status.success() {
+        bail!("python3 -m venv {} failed (is python3-venv installed?)", venv.display());
+    }
+    let status = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(&requirements)
+        .status()
+        .context("running pip install")?;
+    if !status.success() {
+        bail!("pip install -r {} failed", requirements.display());
+    }
+    std::fs::write(&stamp, wanted)?;
+    Ok(python)
+}
 
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {

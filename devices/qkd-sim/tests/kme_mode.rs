@@ -101,3 +101,95 @@ client_ca = "{}"
     let again = b.dec_keys("A-app", &ids).await.unwrap_err();
     assert_eq!(again.status(), Some(400), "{again}");
 }
+
+/// The third-party Python client (`etsi-qkd-014-client`, written by others from the spec)
+/// against the simulator's KMEs: status, a key at A, the same key at B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_party_python_client_works_unmodified() {
+    let python = std::env::var("QUTEMAIL_PYTHON").expect(
+        "QUTEMAIL_PYTHON is not set: run the tests with `cargo xtask test`, which makes the venv with the Python test clients",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new("test SAE CA").unwrap();
+    std::fs::write(d.join("ca.pem"), ca.ca_pem()).unwrap();
+    ca.server(&["localhost", "127.0.0.1"]).unwrap().write(d, "kme-a").unwrap();
+    ca.server(&["localhost", "127.0.0.1"]).unwrap().write(d, "kme-b").unwrap();
+    ca.client("A-app").unwrap().write(d, "sae-a").unwrap();
+    ca.client("B-app").unwrap().write(d, "sae-b").unwrap();
+    let p = |n: &str| d.join(n).display().to_string();
+    std::fs::write(
+        d.join("sim.toml"),
+        format!(
+            "[physics]\ndistance_km = 10\npulse_rate_hz = 1e9\n[kme]\nlisten_a = \"127.0.0.1:0\"\nlisten_b = \"127.0.0.1:0\"\n\
+             kme_id_a = \"KME-A\"\nkme_id_b = \"KME-B\"\nsae_id_a = \"A-app\"\nsae_id_b = \"B-app\"\n\
+             server_cert_a = \"{}\"\nserver_key_a = \"{}\"\nserver_cert_b = \"{}\"\nserver_key_b = \"{}\"\nclient_ca = \"{}\"\n",
+            p("kme-a.pem"),
+            p("kme-a.key"),
+            p("kme-b.pem"),
+            p("kme-b.key"),
+            p("ca.pem")
+        ),
+    )
+    .unwrap();
+    let state = d.join("state.json");
+    let _sim = Kill(
+        Command::new(env!("CARGO_BIN_EXE_qkd-sim"))
+            .args(["run", "--print-every", "0", "--config"])
+            .arg(d.join("sim.toml"))
+            .arg("--state-file")
+            .arg(&state)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    let info: serde_json::Value = loop {
+        if let Ok(bytes) = std::fs::read(&state)
+            && let Ok(v) = serde_json::from_slice(&bytes)
+        {
+            break v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "qkd-sim wrote no state file");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Give the link a moment to distil keys.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let host = |u: &str| u.trim_start_matches("https://").to_string();
+    let script = r#"
+import json, sys
+from etsi_qkd_014_client import QKD014Client
+host_a, host_b, d = sys.argv[1], sys.argv[2], sys.argv[3]
+a = QKD014Client(host_a, f"{d}/sae-a.pem", f"{d}/sae-a.key", f"{d}/ca.pem")
+b = QKD014Client(host_b, f"{d}/sae-b.pem", f"{d}/sae-b.key", f"{d}/ca.pem")
+code, status = a.get_status("B-app")
+code_enc, keys = a.get_key("B-app", number=2, size=256)
+ids = [k.key_id for k in keys.keys]
+code_dec, same = b.get_key_with_key_IDs("A-app", ids)
+print(json.dumps({
+    "status_code": code, "source": status.source_kme_id, "target": status.target_kme_id,
+    "enc_code": code_enc, "enc": [[k.key_id, k.key] for k in keys.keys],
+    "dec_code": code_dec, "dec": [[k.key_id, k.key] for k in same.keys],
+}))
+"#;
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            script,
+            &host(info["kme"]["a"].as_str().unwrap()),
+            &host(info["kme"]["b"].as_str().unwrap()),
+        ])
+        .arg(d)
+        .output()
+        .expect("running the Python client");
+    assert!(out.status.success(), "python client failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["status_code"], 200, "{r}");
+    assert_eq!(r["source"], "KME-A");
+    assert_eq!(r["target"], "KME-B");
+    assert_eq!(r["enc_code"], 200, "{r}");
+    assert_eq!(r["dec_code"], 200, "{r}");
+    assert_eq!(r["enc"].as_array().unwrap().len(), 2);
+    assert_eq!(r["enc"], r["dec"], "the sites gave different keys");
+}
