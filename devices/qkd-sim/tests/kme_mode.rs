@@ -15,16 +15,23 @@ impl Drop for Kill {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_binary_serves_the_link_as_two_kmes() {
+/// A running `qkd-sim run` in KME mode, with its throw-away PKI in `dir`.
+struct KmeSim {
+    dir: tempfile::TempDir,
+    /// The state file's `kme` object: base URLs of KME A and KME B.
+    urls: (String, String),
+    _sim: Kill,
+}
+
+async fn start_kme_sim() -> KmeSim {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let ca = Ca::new("test SAE CA").unwrap();
     std::fs::write(d.join("ca.pem"), ca.ca_pem()).unwrap();
     ca.server(&["localhost", "127.0.0.1"]).unwrap().write(d, "kme-a").unwrap();
     ca.server(&["localhost", "127.0.0.1"]).unwrap().write(d, "kme-b").unwrap();
-    let sae_a = ca.client("A-app").unwrap();
-    let sae_b = ca.client("B-app").unwrap();
+    ca.client("A-app").unwrap().write(d, "sae-a").unwrap();
+    ca.client("B-app").unwrap().write(d, "sae-b").unwrap();
     let p = |n: &str| d.join(n).display().to_string();
     let config = format!(
         r#"
@@ -53,7 +60,7 @@ client_ca = "{}"
     );
     std::fs::write(d.join("sim.toml"), config).unwrap();
     let state = d.join("state.json");
-    let _sim = Kill(
+    let sim = Kill(
         Command::new(env!("CARGO_BIN_EXE_qkd-sim"))
             .args(["run", "--print-every", "0", "--config"])
             .arg(d.join("sim.toml"))
@@ -74,10 +81,25 @@ client_ca = "{}"
         assert!(start.elapsed() < Duration::from_secs(20), "qkd-sim wrote no state file");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let url_a = info["kme"]["a"].as_str().unwrap();
-    let url_b = info["kme"]["b"].as_str().unwrap();
-    let a = Etsi014Client::new(url_a, sae_a.tls(&ca.ca_pem())).unwrap();
-    let b = Etsi014Client::new(url_b, sae_b.tls(&ca.ca_pem())).unwrap();
+    let url = |k: &str| info["kme"][k].as_str().unwrap().to_string();
+    KmeSim { urls: (url("a"), url("b")), dir, _sim: sim }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_the_link_as_two_kmes() {
+    let sim = start_kme_sim().await;
+    let tls = |stem: &str| {
+        let d = sim.dir.path();
+        etsi014::tls::TlsPem::from_files(
+            &d.join("ca.pem"),
+            &d.join(format!("{stem}.pem")),
+            &d.join(format!("{stem}.key")),
+        )
+        .unwrap()
+    };
+    let a = Etsi014Client::new(&sim.urls.0, tls("sae-a")).unwrap();
+    let b = Etsi014Client::new(&sim.urls.1, tls("sae-b")).unwrap();
+    let start = Instant::now();
     let status = a.status("B-app").await.unwrap();
     assert_eq!(status.source_kme_id, "KME-A");
     // Keys appear as the simulated link distils them.
@@ -109,51 +131,8 @@ async fn a_third_party_python_client_works_unmodified() {
     let python = std::env::var("QUTEMAIL_PYTHON").expect(
         "QUTEMAIL_PYTHON is not set: run the tests with `cargo xtask test`, which makes the venv with the Python test clients",
     );
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let ca = Ca::new("test SAE CA").unwrap();
-    std::fs::write(d.join("ca.pem"), ca.ca_pem()).unwrap();
-    ca.server(&["localhost", "127.0.0.1"]).unwrap().write(d, "kme-a").unwrap();
-    ca.server(&["localhost", "127.0.0.1"]).unwrap().write(d, "kme-b").unwrap();
-    ca.client("A-app").unwrap().write(d, "sae-a").unwrap();
-    ca.client("B-app").unwrap().write(d, "sae-b").unwrap();
-    let p = |n: &str| d.join(n).display().to_string();
-    std::fs::write(
-        d.join("sim.toml"),
-        format!(
-            "[physics]\ndistance_km = 10\npulse_rate_hz = 1e9\n[kme]\nlisten_a = \"127.0.0.1:0\"\nlisten_b = \"127.0.0.1:0\"\n\
-             kme_id_a = \"KME-A\"\nkme_id_b = \"KME-B\"\nsae_id_a = \"A-app\"\nsae_id_b = \"B-app\"\n\
-             server_cert_a = \"{}\"\nserver_key_a = \"{}\"\nserver_cert_b = \"{}\"\nserver_key_b = \"{}\"\nclient_ca = \"{}\"\n",
-            p("kme-a.pem"),
-            p("kme-a.key"),
-            p("kme-b.pem"),
-            p("kme-b.key"),
-            p("ca.pem")
-        ),
-    )
-    .unwrap();
-    let state = d.join("state.json");
-    let _sim = Kill(
-        Command::new(env!("CARGO_BIN_EXE_qkd-sim"))
-            .args(["run", "--print-every", "0", "--config"])
-            .arg(d.join("sim.toml"))
-            .arg("--state-file")
-            .arg(&state)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let start = Instant::now();
-    let info: serde_json::Value = loop {
-        if let Ok(bytes) = std::fs::read(&state)
-            && let Ok(v) = serde_json::from_slice(&bytes)
-        {
-            break v;
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "qkd-sim wrote no state file");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let sim = start_kme_sim().await;
+    let d = sim.dir.path();
     // Give the link a moment to distil keys.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let host = |u: &str| u.trim_start_matches("https://").to_string();
@@ -174,12 +153,7 @@ print(json.dumps({
 }))
 "#;
     let out = Command::new(&python)
-        .args([
-            "-c",
-            script,
-            &host(info["kme"]["a"].as_str().unwrap()),
-            &host(info["kme"]["b"].as_str().unwrap()),
-        ])
+        .args(["-c", script, &host(&sim.urls.0), &host(&sim.urls.1)])
         .arg(d)
         .output()
         .expect("running the Python client");

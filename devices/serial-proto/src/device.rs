@@ -10,9 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::frame::{FrameDecoder, PROTOCOL_VERSION, RawFrame};
-use crate::message::{
-    Alarm, BodyError, DeviceRole, ErrorReport, HelloAck, KeyBlock, Message, Telemetry, error_code,
-};
+use crate::message::{Alarm, DeviceRole, ErrorReport, HelloAck, KeyBlock, Message, Telemetry, error_code};
 use crate::stats::SessionStats;
 
 /// How a device presents itself and paces its sending.
@@ -320,12 +318,7 @@ impl DeviceSession {
             Ok(m) => m,
             Err(e) => {
                 self.stats.body_errors += 1;
-                let code = if matches!(e, BodyError::UnknownType(_)) {
-                    error_code::UNKNOWN_TYPE
-                } else {
-                    error_code::MALFORMED_BODY
-                };
-                self.send_unreliable(frame.epoch, &error(code, e.to_string()));
+                self.send_unreliable(frame.epoch, &error(e.error_code(), e.to_string()));
                 return;
             }
         };

@@ -290,12 +290,7 @@ impl HostSession {
             Ok(m) => m,
             Err(e) => {
                 self.stats.body_errors += 1;
-                let code = if matches!(e, BodyError::UnknownType(_)) {
-                    error_code::UNKNOWN_TYPE
-                } else {
-                    error_code::MALFORMED_BODY
-                };
-                self.send_error(frame.epoch, code, &e.to_string());
+                self.send_error(frame.epoch, e.error_code(), &e.to_string());
                 self.events.push_back(HostEvent::Rejected(Rejection::Body(e)));
                 if MessageType::from_code(frame.msg_type).is_some_and(MessageType::is_reliable) {
                     self.nak(now);

@@ -394,6 +394,16 @@ pub enum BodyError {
     },
 }
 
+impl BodyError {
+    /// The ERROR code a receiver answers this with.
+    pub fn error_code(&self) -> u16 {
+        match self {
+            Self::UnknownType(_) => error_code::UNKNOWN_TYPE,
+            _ => error_code::MALFORMED_BODY,
+        }
+    }
+}
+
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
