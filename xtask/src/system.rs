@@ -11,6 +11,7 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("curl", "third-party ETSI GS QKD 014 client in the KME tests"),
     ("ca-certificates", "TLS roots for apt and pip"),
     ("python3-venv", "the venv for the Python test clients"),
+    ("prometheus", "promtool, which checks kmd's metrics exposition"),
 ];
 
 /// Creates (or refreshes, when the requirements changed) the venv with the Python test clients
