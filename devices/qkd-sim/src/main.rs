@@ -327,7 +327,7 @@ fn print_status_line(s: &qkd_sim::SimStatus) {
         "[{:>8.1}s] link {} {:<14} QBER {:>5.2}%  secret {:>10.1} bit/s  blocks {:>6} (aborted {})  {:>8} key bytes  A: {} buffered{}  B: {} buffered{}",
         l.simulated_s,
         l.link_id,
-        l.state,
+        l.state.as_str(),
         l.qber * 100.0,
         l.secret_rate_bps,
         l.blocks_distilled,

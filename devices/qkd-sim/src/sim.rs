@@ -80,6 +80,10 @@ pub struct EndStatus {
     pub stats: SessionStats,
 }
 
+fn serialize_link_state<S: serde::Serializer>(state: &LinkState, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(state.as_str())
+}
+
 fn serialize_stats<S: serde::Serializer>(s: &SessionStats, ser: S) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeMap;
     let mut m = ser.serialize_map(None)?;
@@ -99,8 +103,9 @@ fn serialize_stats<S: serde::Serializer>(s: &SessionStats, ser: S) -> Result<S::
 pub struct LinkStatus {
     /// Link identifier.
     pub link_id: String,
-    /// State of the quantum channel.
-    pub state: &'static str,
+    /// State of the quantum channel (`up`, `down`, `aligning`, `security_abort`, `fault`).
+    #[serde(serialize_with = "serialize_link_state")]
+    pub state: LinkState,
     /// Fibre length, km.
     pub distance_km: f64,
     /// Faults in force.
@@ -227,7 +232,7 @@ impl Simulator {
             status: SimStatus {
                 link: LinkStatus {
                     link_id: config.link_id.clone(),
-                    state: LinkState::Aligning.as_str(),
+                    state: LinkState::Aligning,
                     distance_km: config.physics.distance_km,
                     fibre_cut: false,
                     eavesdrop_fraction: 0.0,
@@ -463,7 +468,7 @@ impl LinkEngine {
         } else {
             LinkState::Up
         };
-        lock(&self.shared).status.link.state = state.as_str();
+        lock(&self.shared).status.link.state = state;
     }
 
     fn finish_block(&mut self, block: &BlockStatistics, next_block_id: &mut u64, alarms: &mut RaisedAlarms) {
@@ -544,15 +549,10 @@ impl LinkEngine {
         link.sifted_rate_bps = model.sifted_rate_bps;
         link.secret_rate_bps = secret;
         link.channel_loss_db = model.channel_loss_db.is_finite().then_some(model.channel_loss_db);
-        let state = match link.state {
-            "down" => LinkState::Down,
-            "aligning" => LinkState::Aligning,
-            "security_abort" => LinkState::SecurityAbort,
-            _ => LinkState::Up,
-        };
+
         let t = Telemetry {
             unix_ms: unix_ms(),
-            link_state: state,
+            link_state: link.state,
             qber_ppm: (link.qber * 1e6).round().clamp(0.0, 1e6) as u32,
             raw_rate_mbps: (model.raw_rate_bps * 1e3) as u64,
             sifted_rate_mbps: (model.sifted_rate_bps * 1e3) as u64,

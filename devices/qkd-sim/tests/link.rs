@@ -173,7 +173,7 @@ async fn a_fibre_cut_stops_keys_raises_an_alarm_and_mending_it_resumes() {
     let alarms: Vec<_> = drained.alarms.iter().chain(&during.alarms).copied().collect();
     assert!(alarms.contains(&(alarm_code::LOSS_OF_SIGNAL, true)), "{alarms:?}");
     assert!(during.states.contains(&LinkState::Down) || drained.states.contains(&LinkState::Down));
-    assert_eq!(sim.status().link.state, "down");
+    assert_eq!(sim.status().link.state, LinkState::Down);
     sim.set_fibre_cut(false);
     let after = collect(&mut a, 3, Duration::from_secs(30)).await;
     assert_eq!(after.blocks.len(), 3);
@@ -194,6 +194,6 @@ async fn an_eavesdropper_raises_the_qber_and_the_device_aborts() {
     assert!(alarms.contains(&(alarm_code::QBER_THRESHOLD, true)), "{alarms:?}");
     let status = sim.status();
     assert!(status.link.qber > 0.10, "QBER {} with Eve on half the pulses", status.link.qber);
-    assert_eq!(status.link.state, "security_abort");
+    assert_eq!(status.link.state, LinkState::SecurityAbort);
     assert!(status.link.blocks_aborted > 0);
 }
