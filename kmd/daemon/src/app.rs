@@ -5,10 +5,12 @@
 //! `READY=1`):
 //! 1. check the files the configuration names (certificates, keys, PKCS#11 module, PIN file);
 //! 2. open the HSM (`HsmKeyWrapper::open_async`: module, token, PIN, wrapping key);
-//! 3. open the key store ([`crate::pool::KeyStore`], today a placeholder that takes the store's
-//!    lock);
+//! 3. open the key store ([`crate::pool::KeyStore`]: its lock, the `kmd-keypool` database) and
+//!    build the key management entity on it (`kmd_kme::Kme`, settings from [`crate::kme`]; it
+//!    registers every link in the pool);
 //! 4. bind every listener (ETSI 014, peer channel, metrics);
-//! 5. start serving, start one task per link ([`crate::links`]);
+//! 5. start serving (the ETSI router behind the SAE gate, the peer router), start the KME's
+//!    background sync (`Kme::spawn_sync`), one task per link ([`crate::links`]);
 //! 6. `READY=1` with a `STATUS=` line naming the bound addresses.
 //!
 //! Running: the main loop pets the watchdog (`WATCHDOG=1` at half of `WATCHDOG_USEC`) only while
@@ -17,7 +19,8 @@
 //! pets, so systemd restarts kmd (`WatchdogSec=`); `STATUS=` says why.
 //!
 //! Stopping (SIGTERM or SIGINT): `STOPPING=1`, stop accepting, let open requests finish (the
-//! servers' grace period), stop the link tasks, close the store, close the HSM, exit 0.
+//! servers' grace period), stop the link tasks, wait for the KME's sync tasks (they flush
+//! queued discards), close the store, close the HSM, exit 0.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -31,10 +34,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, Problem};
-use crate::metrics::{HsmOp, Metrics};
+use crate::metrics::{HsmOp, Metrics, PeerSyncState};
 use crate::pool::{KeyStore, StoreError};
 use crate::systemd::{self, Notifier};
-use crate::{etsi, links, peer};
+use crate::{etsi, links};
+use kmd_kme::{Kme, KmeError};
 
 /// How often the HSM is checked when systemd's watchdog is off (or slower than this).
 pub const MAX_HEALTH_INTERVAL: Duration = Duration::from_secs(30);
@@ -55,6 +59,12 @@ pub enum AppError {
     /// The key store could not be opened.
     #[error("cannot open the key store: {0}")]
     Store(#[from] StoreError),
+    /// The configuration cannot be turned into key service settings.
+    #[error("cannot configure the key service: {0}")]
+    Settings(#[from] crate::kme::SettingsError),
+    /// The key service could not be built.
+    #[error("cannot start the key service: {0}")]
+    Kme(#[from] KmeError),
     /// A listener could not be bound.
     #[error("[{section}] listen {addr}: cannot bind: {source}")]
     Bind {
@@ -95,7 +105,7 @@ impl Bound {
         if let Some(a) = self.metrics {
             s.push_str(&format!(" metrics={a}"));
         }
-        s.push_str(&format!(" links={links}; key pool not yet wired in"));
+        s.push_str(&format!(" links={links}"));
         s
     }
 }
@@ -137,6 +147,10 @@ pub async fn run(config: Config, notifier: Notifier, metrics: Arc<Metrics>) -> R
     // 3. Store.
     notifier.status("starting: opening the key store");
     let store = KeyStore::open(&config, hsm.clone()).await?;
+    let settings = crate::kme::settings(&config)?;
+    let kme =
+        Kme::with_observer(settings, store.pool().clone(), Arc::new(crate::kme::Observer(metrics.clone())))
+            .await?;
 
     // 4. Listeners.
     let etsi_listener = bind("etsi014", config.etsi014.listen).await?;
@@ -156,7 +170,7 @@ pub async fn run(config: Config, notifier: Notifier, metrics: Arc<Metrics>) -> R
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut supervised: Vec<(String, JoinHandle<()>)> = Vec::new();
     let options = ServeOptions { max_connections: config.etsi014.max_connections, ..ServeOptions::default() };
-    let etsi_router = etsi::router(etsi::EtsiState::new(&config, metrics.clone()));
+    let etsi_router = etsi::router(etsi::EtsiState::new(&config, metrics.clone()), kme.etsi_router());
     supervised.push((
         "the ETSI 014 server".into(),
         spawn_server(etsi014::server::serve(
@@ -168,7 +182,7 @@ pub async fn run(config: Config, notifier: Notifier, metrics: Arc<Metrics>) -> R
         )),
     ));
     if let (Some(listener), Some(tls)) = (peer_listener, peer_tls) {
-        let router = peer::router(peer::PeerDirectory::new(&config));
+        let router = kme.peer_router();
         supervised.push((
             "the peer channel server".into(),
             spawn_server(etsi014::server::serve(
@@ -191,12 +205,25 @@ pub async fn run(config: Config, notifier: Notifier, metrics: Arc<Metrics>) -> R
         metrics.register_link(&link.id);
         link_tasks.push((
             format!("the task of link {:?}", link.id),
-            tokio::spawn(links::run(link.clone(), store.clone(), metrics.clone(), stop_rx.clone())),
+            tokio::spawn(links::run(
+                link.clone(),
+                kme.clone(),
+                store.clone(),
+                metrics.clone(),
+                stop_rx.clone(),
+            )),
         ));
     }
+    let sync = kme.spawn_sync(stopped(stop_rx.clone()));
     supervised.push((
         "the key stock reader".into(),
-        tokio::spawn(read_stock(config.clone(), store.clone(), metrics.clone(), stop_rx.clone())),
+        tokio::spawn(read_stock(
+            config.clone(),
+            store.clone(),
+            kme.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        )),
     ));
 
     // The HSM health monitor.
@@ -215,6 +242,10 @@ pub async fn run(config: Config, notifier: Notifier, metrics: Arc<Metrics>) -> R
             stop_rx.clone(),
         )),
     ));
+
+    if config.links.is_empty() {
+        tracing::warn!("no [[link]] is configured: kmd receives no key material and serves no keys");
+    }
 
     // 6. Ready.
     let status = bound.status_line(config.links.len());
@@ -282,6 +313,10 @@ pub async fn run(config: Config, notifier: Notifier, metrics: Arc<Metrics>) -> R
             task.abort();
         }
     }
+    if tokio::time::timeout(LINK_STOP_GRACE * 2, sync).await.is_err() {
+        tracing::warn!("the key service's sync tasks did not stop in time");
+    }
+    drop(kme);
     store.close().await;
     drop(hsm);
     tracing::info!("kmd stopped");
@@ -302,7 +337,13 @@ fn spawn_server(
     })
 }
 
-async fn read_stock(config: Config, store: KeyStore, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+async fn read_stock(
+    config: Config,
+    store: KeyStore,
+    kme: Kme,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(STOCK_INTERVAL);
     loop {
         tokio::select! {
@@ -310,7 +351,10 @@ async fn read_stock(config: Config, store: KeyStore, metrics: Arc<Metrics>, mut 
             _ = tick.tick() => {}
         }
         for link in &config.links {
-            match store.stock(&link.id).await {
+            if let Some(up) = kme.peer_up(&link.id) {
+                metrics.set_peer_sync(&link.id, if up { PeerSyncState::Up } else { PeerSyncState::Down });
+            }
+            match store.stock(&link.id, config.etsi014.key_size).await {
                 Ok(stock) => metrics.set_key_stock(&link.id, &stock),
                 Err(e) => tracing::warn!(link = %link.id, error = %e, "cannot read the key stock"),
             }

@@ -115,20 +115,21 @@ pub struct LinkConfig {
     /// subject CN is `peer_kme_id`.
     #[serde(default)]
     pub peer_certificate_sha256: Option<String>,
-    /// SAE IDs at the peer site that keys on this link may be shared with. Empty: any (only
-    /// allowed with a single link).
+    /// SAE IDs at the peer site that keys on this link may be shared with (SAE pairs: every
+    /// `[[sae]]` listing the link × these). Empty: no pair, no key served (only allowed with a
+    /// single link).
     #[serde(default)]
     pub peer_sae_ids: Vec<String>,
-    /// Blocks the peer has not confirmed within this many seconds are discarded (takes effect
-    /// with the key pool).
+    /// Blocks the peer has not confirmed within this many seconds are discarded (global in the
+    /// key service: the first link's value applies).
     #[serde(default = "default_unconfirmed_grace_s")]
     pub unconfirmed_grace_s: u64,
     /// Keys assigned to an SAE pair and not fetched by the slave within this many seconds are
-    /// discarded at both ends (takes effect with the key pool).
+    /// discarded at both ends (not enforced yet: the key service has no such timer).
     #[serde(default = "default_assigned_key_ttl_s")]
     pub assigned_key_ttl_s: u64,
-    /// Spent blocks and keys are pruned from the store after this many days (takes effect with
-    /// the key pool). Must exceed any time a device could re-deliver an old block ID.
+    /// Spent blocks and keys are pruned from the store after this many days (global in the key
+    /// service: the first link's value applies). Must exceed any time a device could re-deliver an old block ID.
     #[serde(default = "default_history_retention_days")]
     pub history_retention_days: u32,
     /// The QKD device: `{ serial = { ... } }` or `{ kme = { ... } }`.
@@ -266,8 +267,8 @@ pub struct SaeConfig {
     #[serde(default)]
     pub certificate_sha256: Option<String>,
     /// Subject common name of its client certificate. Alone: any certificate from
-    /// `[etsi014] client_ca` with this CN speaks for the SAE. With `certificate_sha256`: checked
-    /// as well.
+    /// `[etsi014] client_ca` with this CN speaks for the SAE (and it must equal `sae_id`). With
+    /// `certificate_sha256`: checked as well.
     #[serde(default)]
     pub common_name: Option<String>,
     /// IDs of the `[[link]]`s whose keys this SAE may obtain.
@@ -293,8 +294,7 @@ pub struct PeerConfig {
     pub client_cert: PathBuf,
     /// Its private key, PEM.
     pub client_key: PathBuf,
-    /// How long one request to the peer kmd may take, in milliseconds (takes effect with peer
-    /// synchronisation).
+    /// How long one request to the peer kmd may take, in milliseconds.
     #[serde(default = "default_peer_request_timeout_ms")]
     pub request_timeout_ms: u64,
 }
@@ -757,6 +757,13 @@ impl Config {
             if let Some(cn) = &sae.common_name {
                 if cn.is_empty() {
                     v.push(at("common_name"), format!("{name}: common_name must not be empty"));
+                } else if sae.certificate_sha256.is_none() && *cn != sae.sae_id {
+                    v.push(
+                        at("common_name"),
+                        format!(
+                            "{name}: common_name {cn:?} alone must equal sae_id (the key service takes the SAE ID from the certificate's CN); pin certificate_sha256 to map another CN"
+                        ),
+                    );
                 } else if sae.certificate_sha256.is_none()
                     && let Some(other) = cns.insert(cn, &sae.sae_id)
                 {

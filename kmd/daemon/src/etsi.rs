@@ -1,35 +1,24 @@
 //! The ETSI GS QKD 014 API for local SAEs, served over mutual TLS by `etsi014::server`.
 //!
-//! What is real already: the listener, TLS (client certificate required from
-//! `[etsi014] client_ca`), recognising the calling SAE from its certificate ([`SaeDirectory`],
-//! per `[[sae]]`: pinned SHA-256 fingerprint and/or subject CN), 401 for a certificate that
-//! speaks for no configured SAE, 404/405 in the specification's error format, and the request
-//! metrics (`kmd_etsi014_requests_total`, `kmd_etsi014_request_duration_seconds`).
-//!
-//! **Stub:** every request under `/api/v1/keys/` from a known SAE is answered
-//! `503 {"message":"key management not yet available"}`. The key pool integration replaces
-//! `keys_stub` with the three handlers (status, enc_keys, dec_keys) — for instance by merging
-//! `kmd_kme::Kme::etsi_router()` behind this module's [`SaeDirectory`] gate — which get the
-//! caller from the [`Caller`] extractor (its `links` say which links it may draw keys from) and
-//! the limits from [`EtsiState::limits`].
+//! The handlers (status, enc_keys, dec_keys) are `kmd_kme::Kme::etsi_router()`; this module
+//! puts kmd's [`SaeDirectory`] in front of it as a gate: the calling SAE is recognised from its
+//! certificate per `[[sae]]` (pinned SHA-256 fingerprint and/or subject CN) and a certificate
+//! that speaks for no configured SAE gets 401 before reaching the key service. Request metrics
+//! (`kmd_etsi014_requests_total`, `kmd_etsi014_request_duration_seconds`) are counted by the
+//! key service's observer ([`crate::kme::Observer`]) and, for the gate's 401s, here.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{Request, State};
 use axum::middleware::Next;
-use axum::response::Response;
-use axum::routing::get;
+use axum::response::{IntoResponse, Response};
 use etsi014::server::{ApiError, PeerCertificate};
-use http::request::Parts;
 
-use crate::config::{Config, Etsi014Config, SaeConfig, parse_fingerprint};
+use crate::config::{Config, SaeConfig, parse_fingerprint};
 use crate::metrics::{EtsiEndpoint, Metrics};
-
-/// The answer of every key request until the key pool is wired in.
-pub const NOT_YET_AVAILABLE: &str = "key management not yet available";
 
 /// A configured local SAE.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,75 +95,54 @@ impl SaeDirectory {
     }
 }
 
-/// Shared state of the ETSI 014 router.
+/// Shared state of the SAE gate.
 #[derive(Clone)]
 pub struct EtsiState {
     /// Who may call.
     pub saes: Arc<SaeDirectory>,
-    /// Key size defaults and limits (`[etsi014]`).
-    pub limits: Arc<Etsi014Config>,
-    /// Where requests are counted.
+    /// Where refused requests are counted.
     pub metrics: Arc<Metrics>,
 }
 
 impl EtsiState {
     /// From the configuration.
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
-        Self {
-            saes: Arc::new(SaeDirectory::new(&config.saes)),
-            limits: Arc::new(config.etsi014.clone()),
-            metrics,
-        }
+        Self { saes: Arc::new(SaeDirectory::new(&config.saes)), metrics }
     }
 }
 
-/// Extractor: the configured SAE the caller's certificate speaks for; 401 in the specification's
-/// format otherwise.
-#[derive(Debug, Clone)]
-pub struct Caller(pub SaeEntry);
-
-impl FromRequestParts<EtsiState> for Caller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &EtsiState) -> Result<Self, ApiError> {
-        let Some(cert) = parts.extensions.get::<PeerCertificate>() else {
-            tracing::warn!("ETSI 014 request without a client certificate");
-            return Err(ApiError::unauthorized());
-        };
-        match state.saes.resolve(cert) {
-            Some(sae) => Ok(Self(sae.clone())),
-            None => {
-                tracing::info!(?cert, path = %parts.uri.path(), "client certificate speaks for no configured [[sae]]");
-                Err(ApiError::unauthorized())
-            }
-        }
-    }
+/// The ETSI 014 router: `kme` (`kmd_kme::Kme::etsi_router()`, which answers and counts every
+/// request it sees) behind the [`SaeDirectory`] gate, which answers 401 (and counts it) for a
+/// certificate that speaks for no configured `[[sae]]`.
+pub fn router(state: EtsiState, kme: Router) -> Router {
+    kme.layer(axum::middleware::from_fn_with_state(state, gate))
 }
 
-/// The router: `/api/v1/keys/*` (GET and POST) for known SAEs; 404 elsewhere, 405 for other
-/// methods; every answer counted in the metrics.
-pub fn router(state: EtsiState) -> Router {
-    let metrics = state.metrics.clone();
-    Router::new()
-        .route(
-            "/api/v1/keys/{*rest}",
-            get(keys_stub).post(keys_stub).fallback(|| async { ApiError::method_not_allowed() }),
-        )
-        .fallback(|| async { ApiError::not_found() })
-        .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(metrics, track))
-}
-
-/// Placeholder for status / enc_keys / dec_keys.
-async fn keys_stub(Caller(sae): Caller, request: Request) -> ApiError {
-    tracing::debug!(sae = %sae.sae_id, path = %request.uri().path(), "ETSI 014 request answered 503 (key pool not wired in)");
-    ApiError::service_unavailable(NOT_YET_AVAILABLE)
-}
-
-async fn track(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
-    let endpoint = EtsiEndpoint::of_path(request.uri().path());
+async fn gate(State(state): State<EtsiState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let response = next.run(request).await;
-    metrics.observe_etsi(endpoint, response.status().as_u16(), started.elapsed());
-    response
+    let known = match request.extensions().get::<PeerCertificate>() {
+        Some(cert) => match state.saes.resolve(cert) {
+            Some(sae) => Some(sae.sae_id.clone()),
+            None => {
+                tracing::info!(?cert, path = %request.uri().path(), "client certificate speaks for no configured [[sae]]");
+                None
+            }
+        },
+        None => {
+            tracing::warn!("ETSI 014 request without a client certificate");
+            None
+        }
+    };
+    match known {
+        Some(sae) => {
+            tracing::debug!(%sae, path = %request.uri().path(), "ETSI 014 request");
+            next.run(request).await
+        }
+        None => {
+            let endpoint = EtsiEndpoint::of_path(request.uri().path());
+            let response = ApiError::unauthorized().into_response();
+            state.metrics.observe_etsi(endpoint, response.status().as_u16(), started.elapsed());
+            response
+        }
+    }
 }

@@ -13,9 +13,9 @@
 //! | [`logging`] | `tracing` to stderr as journald, text or JSON |
 //! | [`app`] | start-up order, readiness, watchdog, graceful shutdown |
 //! | [`links`] | one task per QKD link: device driver, credit, blocks, telemetry |
-//! | [`pool`] | the key store seen by kmd (placeholder until `kmd-keypool` is wired in) |
-//! | [`etsi`] | the ETSI 014 router, SAE recognition (stub answers: 503) |
-//! | [`peer`] | the peer channel listener (placeholder) |
+//! | [`pool`] | the key store: the `kmd-keypool` database, its counts for credit and metrics |
+//! | [`kme`] | the `kmd-kme` key management entity built from the configuration; its metrics observer |
+//! | [`etsi`] | the SAE gate in front of the key service's ETSI 014 router |
 //! | [`enrol`] | `kmd enrol-sae`: SAE client certificates from the site CA |
 //!
 //! The binary (`src/main.rs`) only parses the command line and calls into these.
@@ -30,9 +30,9 @@ pub mod app;
 pub mod config;
 pub mod enrol;
 pub mod etsi;
+pub mod kme;
 pub mod links;
 pub mod logging;
 pub mod metrics;
-pub mod peer;
 pub mod pool;
 pub mod systemd;

@@ -1,8 +1,10 @@
 //! One task per `[[link]]`: opens the QKD device with its driver, keeps it supplied with credit
-//! between the pool's water marks, hands key blocks to the store, and turns telemetry, alarms
-//! and connection changes into logs and metrics.
+//! between the pool's water marks, hands key blocks to the key service (`Kme::accept_block`,
+//! which stores them HSM-wrapped and unconfirmed until the peer kmd confirms them), and turns
+//! telemetry, alarms and connection changes into logs and metrics.
 //!
-//! Credit: while fewer than `low_water` blocks are stored, the device is asked for enough blocks
+//! Credit: while fewer than `low_water` blocks are stored (the pool's counts: unconfirmed and
+//! confirmed blocks of either owner, i.e. those still holding key material), the device is asked for enough blocks
 //! to reach `high_water` (counting blocks asked for and not yet delivered). Blocks beyond
 //! `max_blocks` are rejected (`pool_full`). No credit is given before the device has said who it
 //! is (`Connected`); a serial device that reports another link ID than the configured one gets
@@ -20,13 +22,21 @@ use tokio::sync::watch;
 
 use crate::config::{DeviceConfig, LinkConfig};
 use crate::metrics::{DeviceLinkState, Metrics, RejectReason};
-use crate::pool::{Insert, KeyStore};
+use crate::pool::KeyStore;
+use kmd_keypool::InsertOutcome;
+use kmd_kme::Kme;
 
 /// How often the credit is re-evaluated without an event (the pool drains as keys are served).
 const CREDIT_TICK: Duration = Duration::from_secs(1);
 
 /// Runs the link until `stop` turns true.
-pub async fn run(link: LinkConfig, store: KeyStore, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    link: LinkConfig,
+    kme: Kme,
+    store: KeyStore,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
     let retry = match &link.device {
         DeviceConfig::Serial(s) => Duration::from_millis(s.reopen_interval_ms.max(100)),
         DeviceConfig::Kme(_) => Duration::from_secs(1),
@@ -36,11 +46,11 @@ pub async fn run(link: LinkConfig, store: KeyStore, metrics: Arc<Metrics>, mut s
         if *stop.borrow() {
             return;
         }
-        match open(&link, &store).await {
+        match open(&link) {
             Ok(device) => {
                 last_open_error = None;
                 tracing::info!(link = %link.id, device = %device.describe(), "device driver started");
-                let mut session = Session::new(&link, &store, &metrics, device);
+                let mut session = Session::new(&link, &kme, &store, &metrics, device);
                 match session.drive(&mut stop).await {
                     Ok(()) => return,
                     Err(e) => {
@@ -65,21 +75,18 @@ pub async fn run(link: LinkConfig, store: KeyStore, metrics: Arc<Metrics>, mut s
     }
 }
 
-async fn open(link: &LinkConfig, store: &KeyStore) -> Result<AnyDevice, DeviceError> {
+fn open(link: &LinkConfig) -> Result<AnyDevice, DeviceError> {
+    // A serial device resumes after the configured block; blocks it delivers again are
+    // recognised by the pool (same ID and KCV: `AlreadyPresent`) and counted as duplicates.
     match &link.device {
-        DeviceConfig::Serial(config) => {
-            let mut config = config.clone();
-            let stored =
-                store.resume_after_block(&link.id).await.map_err(|e| DeviceError::Config(e.to_string()))?;
-            config.resume_after_block = config.resume_after_block.max(stored);
-            SerialDevice::open(config).map(AnyDevice::from)
-        }
+        DeviceConfig::Serial(config) => SerialDevice::open(config.clone()).map(AnyDevice::from),
         DeviceConfig::Kme(config) => KmeDevice::open(config.clone()).map(AnyDevice::from),
     }
 }
 
 struct Session<'a> {
     link: &'a LinkConfig,
+    kme: &'a Kme,
     store: &'a KeyStore,
     metrics: &'a Metrics,
     device: AnyDevice,
@@ -91,8 +98,14 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    fn new(link: &'a LinkConfig, store: &'a KeyStore, metrics: &'a Metrics, device: AnyDevice) -> Self {
-        Self { link, store, metrics, device, outstanding: 0, right_link: false }
+    fn new(
+        link: &'a LinkConfig,
+        kme: &'a Kme,
+        store: &'a KeyStore,
+        metrics: &'a Metrics,
+        device: AnyDevice,
+    ) -> Self {
+        Self { link, kme, store, metrics, device, outstanding: 0, right_link: false }
     }
 
     async fn drive(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), DeviceError> {
@@ -122,6 +135,15 @@ impl<'a> Session<'a> {
         self.device.request_blocks(want as u32).await?;
         self.outstanding += want;
         Ok(())
+    }
+
+    /// Stores a block unless the link holds `max_blocks` already (`None`).
+    async fn insert(&self, block: qkd_device::DeviceKeyBlock) -> Result<Option<InsertOutcome>, String> {
+        let stored = self.store.stored_blocks(&self.link.id).await.map_err(|e| e.to_string())?;
+        if stored >= self.link.pool.max_blocks {
+            return Ok(None);
+        }
+        self.kme.accept_block(&self.link.id, block).await.map(Some).map_err(|e| e.to_string())
     }
 
     async fn handle(&mut self, event: DeviceEvent) -> Result<(), DeviceError> {
@@ -166,10 +188,10 @@ impl<'a> Session<'a> {
                 } else if block.key.is_empty() {
                     Some(RejectReason::Invalid)
                 } else {
-                    match self.store.insert_block(link, block).await {
-                        Ok(Insert::Stored) => None,
-                        Ok(Insert::Duplicate) => Some(RejectReason::Duplicate),
-                        Ok(Insert::Full) => Some(RejectReason::PoolFull),
+                    match self.insert(block).await {
+                        Ok(Some(InsertOutcome::Inserted)) => None,
+                        Ok(Some(InsertOutcome::AlreadyPresent)) => Some(RejectReason::Duplicate),
+                        Ok(None) => Some(RejectReason::PoolFull),
                         Err(e) => {
                             tracing::error!(link, %block_id, error = %e, "cannot store a key block");
                             Some(RejectReason::StoreError)

@@ -41,7 +41,10 @@ pub fn effective_format(config: &LogConfig) -> LogFormat {
 /// `[log] level`.
 pub fn init(config: &LogConfig, level_override: Option<&str>) -> Result<LogFormat, String> {
     let level = level_override.unwrap_or(&config.level);
-    let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid log level {level:?}: {e}"))?;
+    // The key pool's SQL statements (sqlx logs each at debug) are kept out of kmd's debug logs
+    // unless the filter names `sqlx` itself.
+    let directives = if level.contains("sqlx") { level.to_owned() } else { format!("{level},sqlx=warn") };
+    let filter = EnvFilter::try_new(&directives).map_err(|e| format!("invalid log level {level:?}: {e}"))?;
     let format = effective_format(config);
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let result = match format {

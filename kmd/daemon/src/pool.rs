@@ -1,28 +1,20 @@
-//! The key store, as the rest of kmd sees it.
+//! The key store, as the rest of kmd sees it: the durable, HSM-wrapped key pool
+//! (`kmd-keypool`) in the SQLite database named by `[store] path`.
 //!
-//! **Placeholder.** The durable, HSM-wrapped key pool (`kmd-keypool`) is being written; until it
-//! is wired in here, [`KeyStore`] takes the store's lock, counts the key blocks the devices
-//! deliver (so that device credit, the water marks and the metrics already work end to end) and
-//! drops their bytes at once (they are `Zeroizing`, so wiped). Nothing is written to disk and no
-//! key can be handed out.
-//!
-//! Wiring the key pool in is this module only: `open` becomes `KeyPool::open(PoolConfig::new(path),
-//! hsm)` plus `register_link(link, Side::from_kme_ids(site, peer))` per link; `insert_block`
-//! calls `KeyPool::insert_block` (mapping `InsertOutcome`/`BlockConflict` to [`Insert`]);
-//! `stored_blocks` and `stock` read `KeyPool::counts`; `resume_after_block` returns the highest
-//! stored serial block number; `close` calls `KeyPool::close`. The signatures here are already
-//! async and fallible for that reason.
+//! [`KeyStore::open`] takes the store's lock file (so two daemons never share a database) and
+//! opens the [`KeyPool`] (`PoolConfig::max_keys_per_call` = `[etsi014] max_key_per_request`).
+//! The links are registered in the pool by `kmd_kme::Kme` (which stores the device blocks,
+//! [`crate::links`]); this module reads the pool's counts for device credit and the metrics.
 
-use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use qkd_device::{BlockId, DeviceKeyBlock};
+use kmd_keypool::{BlockState, KeyPool, KeyState, PoolConfig, PoolError};
 use qutemail_hsm::HsmKeyWrapper;
 
-use crate::config::{Config, PoolLimits};
-use crate::metrics::KeyStock;
+use crate::config::Config;
+use crate::metrics::{KeyStock, PairStock};
 
 /// The store could not be opened or used.
 #[derive(Debug, thiserror::Error)]
@@ -47,34 +39,15 @@ pub enum StoreError {
         /// The lock file.
         lock: PathBuf,
     },
-    /// The link is not configured.
-    #[error("unknown link {0:?}")]
-    UnknownLink(String),
-}
-
-/// What became of a block handed to [`KeyStore::insert_block`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Insert {
-    /// Stored (placeholder: counted, bytes wiped).
-    Stored,
-    /// Already stored.
-    Duplicate,
-    /// The link holds `max_blocks` already.
-    Full,
-}
-
-#[derive(Default)]
-struct LinkBlocks {
-    limits: PoolLimits,
-    seen: HashSet<BlockId>,
-    last_sequence: Option<u64>,
+    /// The key pool failed.
+    #[error("[store] path: {0}")]
+    Pool(#[from] PoolError),
 }
 
 struct Inner {
     db: PathBuf,
     _lock: File,
-    _hsm: HsmKeyWrapper,
-    links: Mutex<HashMap<String, LinkBlocks>>,
+    pool: KeyPool,
 }
 
 /// The key store of all links. Cheap to clone.
@@ -97,7 +70,7 @@ pub fn lock_path(db: &Path) -> PathBuf {
 }
 
 impl KeyStore {
-    /// Opens the store named by `[store] path` for the configured links.
+    /// Opens the store named by `[store] path`.
     pub async fn open(config: &Config, hsm: HsmKeyWrapper) -> Result<Self, StoreError> {
         let db = config.store.path.clone();
         if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty())
@@ -117,16 +90,11 @@ impl KeyStore {
             Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::InUse { db, lock }),
             Err(std::fs::TryLockError::Error(source)) => return Err(StoreError::Lock { path: lock, source }),
         }
-        let links = config
-            .links
-            .iter()
-            .map(|l| (l.id.clone(), LinkBlocks { limits: l.pool, ..LinkBlocks::default() }))
-            .collect();
-        tracing::warn!(
-            db = %db.display(),
-            "the durable key pool is not wired in yet: key blocks are counted and wiped, no key can be served"
-        );
-        Ok(Self { inner: Arc::new(Inner { db, _lock: file, _hsm: hsm, links: Mutex::new(links) }) })
+        let mut pool_config = PoolConfig::new(&db);
+        pool_config.max_keys_per_call = config.etsi014.max_key_per_request.max(1);
+        let pool = KeyPool::open(pool_config, hsm).await?;
+        tracing::info!(db = %db.display(), "key pool opened");
+        Ok(Self { inner: Arc::new(Inner { db, _lock: file, pool }) })
     }
 
     /// The database path.
@@ -134,46 +102,77 @@ impl KeyStore {
         &self.inner.db
     }
 
-    fn with_link<T>(&self, link: &str, f: impl FnOnce(&mut LinkBlocks) -> T) -> Result<T, StoreError> {
-        let mut links = self.inner.links.lock().unwrap_or_else(|p| p.into_inner());
-        links.get_mut(link).map(f).ok_or_else(|| StoreError::UnknownLink(link.to_owned()))
+    /// The key pool.
+    pub fn pool(&self) -> &KeyPool {
+        &self.inner.pool
     }
 
-    /// Stores a block the device delivered.
-    pub async fn insert_block(&self, link: &str, block: DeviceKeyBlock) -> Result<Insert, StoreError> {
-        self.with_link(link, |l| {
-            if l.seen.contains(&block.block_id) {
-                return Insert::Duplicate;
-            }
-            if l.seen.len() as u64 >= l.limits.max_blocks {
-                return Insert::Full;
-            }
-            if let BlockId::Sequence(n) = block.block_id {
-                l.last_sequence = Some(l.last_sequence.map_or(n, |m| m.max(n)));
-            }
-            l.seen.insert(block.block_id.clone());
-            Insert::Stored
-        })
-        // `block` (and its `Zeroizing` key) is dropped, and so wiped, here.
-    }
-
-    /// Blocks stored for the link that still hold key material (drives device credit).
+    /// Blocks stored for the link that still hold key material (unconfirmed or confirmed, of
+    /// either owner): drives device credit and `max_blocks`.
     pub async fn stored_blocks(&self, link: &str) -> Result<u64, StoreError> {
-        self.with_link(link, |l| l.seen.len() as u64)
+        let counts = self.inner.pool.counts(link).await?;
+        Ok(counts
+            .blocks
+            .iter()
+            .filter(|b| matches!(b.state, BlockState::Unconfirmed | BlockState::Confirmed))
+            .map(|b| b.blocks)
+            .sum())
     }
 
-    /// The highest serial block number stored for the link (the serial driver resumes after it).
-    pub async fn resume_after_block(&self, link: &str) -> Result<Option<u64>, StoreError> {
-        self.with_link(link, |l| l.last_sequence)
+    /// The link's key stock for the metrics: `available_keys` = the bits this kmd can still cut
+    /// (confirmed blocks it owns) / the default key size.
+    pub async fn stock(&self, link: &str, key_size: u32) -> Result<KeyStock, StoreError> {
+        let counts = self.inner.pool.counts(link).await?;
+        let mut blocks: Vec<(String, u64)> = Vec::new();
+        for b in &counts.blocks {
+            let state = b.state.as_str();
+            match blocks.iter_mut().find(|(s, _)| s == state) {
+                Some((_, n)) => *n += b.blocks,
+                None => blocks.push((state.to_owned(), b.blocks)),
+            }
+        }
+        let mut pairs: Vec<PairStock> = Vec::new();
+        for p in &counts.pairs {
+            let entry = match pairs
+                .iter_mut()
+                .position(|s| s.master_sae == p.master.as_str() && s.slave_sae == p.slave.as_str())
+            {
+                Some(i) => &mut pairs[i],
+                None => {
+                    pairs.push(PairStock {
+                        master_sae: p.master.as_str().to_owned(),
+                        slave_sae: p.slave.as_str().to_owned(),
+                        assigned: 0,
+                        delivered: 0,
+                    });
+                    let last = pairs.len() - 1;
+                    &mut pairs[last]
+                }
+            };
+            match p.state {
+                KeyState::Assigned => entry.assigned += p.keys,
+                KeyState::Delivered => entry.delivered += p.keys,
+                KeyState::Discarded => {}
+            }
+        }
+        Ok(KeyStock {
+            available_keys: counts.available_bits_owned / u64::from(key_size.max(1)),
+            blocks,
+            pairs,
+        })
     }
 
-    /// The link's key stock for the metrics (placeholder: nothing can be served).
-    pub async fn stock(&self, link: &str) -> Result<KeyStock, StoreError> {
-        self.with_link(link, |_| KeyStock::default())
-    }
-
-    /// Closes the store (releases the lock).
+    /// Closes the store (the pool, then the lock).
     pub async fn close(self) {
-        tracing::info!(db = %self.inner.db.display(), "key store closed");
+        let db = self.inner.db.clone();
+        match Arc::try_unwrap(self.inner) {
+            Ok(inner) => {
+                if let Err(e) = inner.pool.close().await {
+                    tracing::warn!(db = %db.display(), error = %e, "closing the key pool failed");
+                }
+            }
+            Err(_) => tracing::debug!(db = %db.display(), "key pool still shared at close; dropped with it"),
+        }
+        tracing::info!(db = %db.display(), "key store closed");
     }
 }

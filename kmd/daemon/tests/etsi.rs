@@ -1,6 +1,6 @@
 //! The ETSI 014 listener of the real `kmd`: mutual TLS, SAE recognition by CN and by pinned
-//! fingerprint, 401 for strangers, the stub's 503 in the specification's format, request
-//! metrics; and `kmd enrol-sae` issuing the SAE certificates from a CA on disk.
+//! fingerprint, 401 for strangers, the key service's answers (status; 503 with no key material)
+//! in the specification's format, request metrics; and `kmd enrol-sae` issuing the SAE certificates from a CA on disk.
 
 mod common;
 
@@ -61,12 +61,13 @@ fn client(site: &Site, addr: std::net::SocketAddr, cert: &Path, key: &Path) -> E
     Etsi014Client::with_options(&format!("https://localhost:{}", addr.port()), tls, options).unwrap()
 }
 
-fn assert_stub_503(result: Result<impl std::fmt::Debug, Etsi014Error>) {
+/// No key material has arrived on the link yet.
+fn assert_exhausted_503(result: Result<impl std::fmt::Debug, Etsi014Error>) {
     match result {
         Err(e @ Etsi014Error::ServiceUnavailable { .. }) => {
-            assert_eq!(e.message(), Some(kmd::etsi::NOT_YET_AVAILABLE), "{e}");
+            assert_eq!(e.message(), Some("not enough key material on KME"), "{e}");
         }
-        other => panic!("expected the stub's 503, got {other:?}"),
+        other => panic!("expected 503 (no key material), got {other:?}"),
     }
 }
 
@@ -104,16 +105,35 @@ fn sae_recognition_over_mutual_tls() {
 sae_id = "A-web"
 certificate_sha256 = "{upper_colons}"
 common_name = "A-web"
-links = []
+links = ["A-B"]
 
 [[sae]]
 sae_id = "A-pinned"
 certificate_sha256 = "{mismatch_fp}"
 common_name = "A-pinned"
 links = []
-"#
+
+[[link]]
+id = "A-B"
+peer_kme_id = "KME-B"
+peer_url = "https://127.0.0.1:1"
+peer_sae_ids = ["B-mail"]
+device = {{ serial = {{ path = "{dev}", baud_rate = 921600 }} }}
+
+[peer]
+listen = "127.0.0.1:0"
+ca_cert = "ca.pem"
+server_cert = "kmd.pem"
+server_key = "kmd.key"
+client_cert = "peer.pem"
+client_key = "peer.key"
+"#,
+        dev = site.path().join("no-such-device").display()
     );
-    let text = site.config(&extra).replace("client_ca = \"ca.pem\"", "client_ca = \"sae-ca.pem\"");
+    let text = site.config(&extra).replace("client_ca = \"ca.pem\"", "client_ca = \"sae-ca.pem\"").replace(
+        "sae_id = \"A-mail\"\ncommon_name = \"A-mail\"\nlinks = []",
+        "sae_id = \"A-mail\"\ncommon_name = \"A-mail\"\nlinks = [\"A-B\"]",
+    );
     let config = site.write_config(&text);
     let mut kmd = Daemon::start(&site, &config, None);
     let ready = kmd.wait_ready();
@@ -125,14 +145,20 @@ links = []
         // Recognised by CN.
         let (cert, key) = pem("A-mail");
         let mail = client(&site, addr, &cert, &key);
-        assert_stub_503(mail.enc_keys("B-mail", 1, None).await);
-        assert_stub_503(mail.enc_keys_with("B-mail", &etsi014::KeyRequest::default()).await);
-        assert_stub_503(mail.status("B-mail").await);
-        assert_stub_503(mail.dec_keys("B-mail", &["00000000-0000-4000-8000-000000000000"]).await);
+        assert_exhausted_503(mail.enc_keys("B-mail", 1, None).await);
+        assert_exhausted_503(mail.enc_keys_with("B-mail", &etsi014::KeyRequest::default()).await);
+        let status = mail.status("B-mail").await.unwrap();
+        assert_eq!(status.source_kme_id, "KME-A");
+        assert_eq!(status.target_kme_id, "KME-B");
+        assert_eq!(status.stored_key_count, 0);
+        let unknown = mail.dec_keys("B-mail", &["00000000-0000-4000-8000-000000000000"]).await;
+        assert_eq!(unknown.as_ref().err().and_then(|e| e.status()), Some(400), "{unknown:?}");
+        // A configured SAE, but not paired with the slave it names.
+        assert_401(mail.enc_keys("C-mail", 1, None).await);
 
         // Recognised by pinned fingerprint (given upper-case with colons) and CN.
         let (cert, key) = pem("A-web");
-        assert_stub_503(client(&site, addr, &cert, &key).enc_keys("B-mail", 2, Some(256)).await);
+        assert_exhausted_503(client(&site, addr, &cert, &key).enc_keys("B-mail", 2, Some(256)).await);
 
         // From the right CA, but configured for no SAE.
         let (cert, key) = pem("A-stranger");
@@ -165,9 +191,9 @@ links = []
         .unwrap_or(0.0)
     };
     assert_eq!(count("enc_keys", 503), 3.0, "{body}");
-    assert_eq!(count("status", 503), 1.0, "{body}");
-    assert_eq!(count("dec_keys", 503), 1.0, "{body}");
-    assert_eq!(count("enc_keys", 401), 1.0, "{body}");
+    assert_eq!(count("status", 200), 1.0, "{body}");
+    assert_eq!(count("dec_keys", 400), 1.0, "{body}");
+    assert_eq!(count("enc_keys", 401), 2.0, "{body}");
     assert_eq!(count("status", 401), 1.0, "{body}");
     assert!(
         common::sample(

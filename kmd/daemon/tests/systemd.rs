@@ -189,7 +189,7 @@ fn journald_format_has_priority_prefixes() {
     let log = kmd.stderr();
     let ready = log.lines().find(|l| l.contains("kmd ready")).expect("ready line");
     assert!(ready.starts_with("<6>kmd::app: kmd ready"), "{ready}");
-    assert!(log.lines().any(|l| l.starts_with("<4>") && l.contains("key pool is not wired in")), "{log}");
+    assert!(log.lines().any(|l| l.starts_with("<4>") && l.contains("no [[link]] is configured")), "{log}");
     assert!(log.lines().all(|l| l.starts_with('<')), "every line has a priority: {log}");
 }
 

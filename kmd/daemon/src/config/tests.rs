@@ -219,6 +219,9 @@ fn sae_recognition_rules() {
     assert!(err(&text).contains("certificate_sha256 must be 64 hex digits"));
     let text = GOOD.replace("sae_id = \"A-web\"", "sae_id = \"A-mail\"");
     assert!(err(&text).contains("sae_id is used by another [[sae]]"));
+    // A CN alone is the SAE ID (the key service reads it from the certificate).
+    let text = GOOD.replace("common_name = \"A-mail\"", "common_name = \"mail-gateway\"");
+    assert!(err(&text).contains("common_name \"mail-gateway\" alone must equal sae_id"), "{}", err(&text));
 }
 
 #[test]

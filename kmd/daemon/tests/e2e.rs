@@ -1,0 +1,194 @@
+//! End to end: one simulated QKD link (qkd-sim, in this process), two real `kmd` processes
+//! (site A "KME-A" on the Alice end, site B "KME-B" on the Bob end), each with its own SoftHSM
+//! token and SQLite store, one PKI (`etsi014::pki`) for SAEs and peer channels. A-mail takes
+//! keys with `enc_keys` at kmd A, B-mail gets the same bytes with `dec_keys` at kmd B, once.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Site};
+use etsi014::client::{ClientOptions, Etsi014Client, Etsi014Error};
+
+fn fast_link() -> qkd_sim::SimConfig {
+    let mut c = qkd_sim::SimConfig::default();
+    c.physics.distance_km = 10.0;
+    c.physics.pulse_rate_hz = 1e9;
+    c.blocks.sifted_bits_per_block = 4096;
+    c.blocks.max_key_bytes = 256;
+    c.serial.baud_rate = 921_600;
+    c.telemetry_interval_s = 0.2;
+    c.seed = Some(23);
+    c
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The configuration of one site: `local`/`remote` SAE, its end of the link, the peer's port.
+#[allow(clippy::too_many_arguments)]
+fn site_config(
+    site: &Site,
+    kme_id: &str,
+    peer_kme_id: &str,
+    local: &str,
+    remote: &str,
+    pty: &str,
+    own_peer_port: u16,
+    peer_port: u16,
+) -> String {
+    let extra = format!(
+        r#"
+[[link]]
+id = "qkd-link-1"
+peer_kme_id = "{peer_kme_id}"
+peer_url = "https://localhost:{peer_port}"
+peer_sae_ids = ["{remote}"]
+device = {{ serial = {{ path = "{pty}", baud_rate = 921600 }} }}
+
+[link.pool]
+max_blocks = 64
+low_water = 16
+high_water = 32
+
+[peer]
+listen = "127.0.0.1:{own_peer_port}"
+ca_cert = "ca.pem"
+server_cert = "kmd.pem"
+server_key = "kmd.key"
+client_cert = "peer.pem"
+client_key = "peer.key"
+"#
+    );
+    site.config(&extra).replace("\nkme_id = \"KME-A\"", &format!("\nkme_id = \"{kme_id}\"")).replace(
+        "sae_id = \"A-mail\"\ncommon_name = \"A-mail\"\nlinks = []",
+        &format!("sae_id = \"{local}\"\ncommon_name = \"{local}\"\nlinks = [\"qkd-link-1\"]"),
+    )
+}
+
+fn sae_client(site: &Site, ca_pem: &str, addr: SocketAddr, cn: &str) -> Etsi014Client {
+    let tls = site.client(cn).tls(ca_pem);
+    let options = ClientOptions { timeout: Duration::from_secs(20), ..ClientOptions::default() };
+    Etsi014Client::with_options(&format!("https://localhost:{}", addr.port()), tls, options).unwrap()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn store_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("keys.db")))
+        .collect()
+}
+
+#[test]
+fn keys_from_enc_keys_at_a_decrypt_at_b_once() {
+    let site_a = Site::new();
+    let site_b = Site::new();
+    // One PKI: site A's CA issues site B's certificates too (peer channels and SAEs).
+    let ca_pem = site_a.ca.ca_pem();
+    std::fs::write(&site_b.ca_cert, &ca_pem).unwrap();
+    site_a.ca.server(&["localhost", "127.0.0.1"]).unwrap().write(site_b.path(), "kmd").unwrap();
+    site_a.ca.client("KME-B").unwrap().write(site_b.path(), "peer").unwrap();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let _guard = runtime.enter();
+    let sim = qkd_sim::Simulator::start(fast_link(), None).unwrap();
+
+    let (peer_a, peer_b) = (free_port(), free_port());
+    let alice = sim.pty_path(qkd_sim::End::Alice).to_string();
+    let bob = sim.pty_path(qkd_sim::End::Bob).to_string();
+    let config_a = site_a
+        .write_config(&site_config(&site_a, "KME-A", "KME-B", "A-mail", "B-mail", &alice, peer_a, peer_b));
+    let config_b = site_b
+        .write_config(&site_config(&site_b, "KME-B", "KME-A", "B-mail", "A-mail", &bob, peer_b, peer_a));
+    let mut kmd_a = Daemon::start(&site_a, &config_a, None);
+    let mut kmd_b = Daemon::start(&site_b, &config_b, None);
+    let ready_a = kmd_a.wait_ready();
+    let ready_b = kmd_b.wait_ready();
+
+    let a_mail = sae_client(&site_a, &ca_pem, ready_a.etsi014, "A-mail");
+    let b_mail_at_b = sae_client(&site_a, &ca_pem, ready_b.etsi014, "B-mail");
+    let b_mail_at_a = sae_client(&site_a, &ca_pem, ready_a.etsi014, "B-mail");
+
+    let raw_keys: Vec<Vec<u8>> = runtime.block_on(async {
+        // Wait for confirmed key material at A (blocks from the device, confirmed with B).
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let status = a_mail.status("B-mail").await.unwrap();
+            assert_eq!(status.source_kme_id, "KME-A");
+            assert_eq!(status.target_kme_id, "KME-B");
+            if status.stored_key_count >= 4 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no key material at A: {status:?}\n{}", kmd_a.stderr());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+
+        let container = a_mail.enc_keys("B-mail", 2, None).await.unwrap();
+        assert_eq!(container.keys.len(), 2);
+        let ids: Vec<String> = container.keys.iter().map(|k| k.key_id.clone()).collect();
+        let enc: Vec<Vec<u8>> = container.keys.iter().map(|k| k.key.as_bytes().to_vec()).collect();
+        assert!(enc.iter().all(|k| k.len() == 32), "256-bit keys by default");
+
+        let dec = b_mail_at_b.dec_keys("A-mail", &ids).await.unwrap();
+        for (id, bytes) in ids.iter().zip(&enc) {
+            let key = dec.keys.iter().find(|k| &k.key_id == id).expect("every key ID answered");
+            assert_eq!(key.key.as_bytes(), bytes.as_slice(), "byte-identical at both ends");
+        }
+
+        // Once only.
+        let again = b_mail_at_b.dec_keys("A-mail", &ids).await;
+        assert_eq!(again.as_ref().err().and_then(Etsi014Error::status), Some(400), "{again:?}");
+
+        // B-mail is no SAE of site A.
+        let foreign = b_mail_at_a.dec_keys("A-mail", &ids).await;
+        assert_eq!(foreign.as_ref().err().and_then(Etsi014Error::status), Some(401), "{foreign:?}");
+        enc
+    });
+    drop(runtime);
+
+    // curl with the SAE's certificate and key: status at A.
+    let issued = site_a.client("A-mail");
+    issued.write(site_a.path(), "curl-sae").unwrap();
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--fail-with-body", "--cacert"])
+        .arg(&site_a.ca_cert)
+        .arg("--cert")
+        .arg(site_a.path().join("curl-sae.pem"))
+        .arg("--key")
+        .arg(site_a.path().join("curl-sae.key"))
+        .arg(format!("https://localhost:{}/api/v1/keys/B-mail/status", ready_a.etsi014.port()))
+        .output()
+        .expect("curl");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "curl: {out:?}");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["source_KME_ID"], "KME-A", "{body}");
+    assert_eq!(status["target_KME_ID"], "KME-B", "{body}");
+    assert_eq!(status["master_SAE_ID"], "A-mail", "{body}");
+
+    // The keys A handed out are nowhere in its store (database, WAL): neither while it runs
+    // nor after it stopped.
+    let scan = |when: &str| {
+        let files = store_files(site_a.path());
+        assert!(files.iter().any(|f| f.ends_with("keys.db")), "{files:?}");
+        for file in &files {
+            let bytes = std::fs::read(file).unwrap();
+            for key in &raw_keys {
+                assert!(!contains(&bytes, &key[..16]), "raw key bytes in {} ({when})", file.display());
+            }
+        }
+    };
+    scan("running");
+    assert!(kmd_a.stop().success());
+    assert!(kmd_b.stop().success());
+    scan("stopped");
+    drop(sim);
+}
