@@ -206,9 +206,8 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'
 #[derive(Clone)]
 pub struct Etsi014Client {
     base: Arc<str>,
-    http: Client<TlsConnector, Full<Bytes>>,
+    http: MtlsHttp,
     options: ClientOptions,
-    last_io_error: LastIoError,
 }
 
 impl fmt::Debug for Etsi014Client {
@@ -244,35 +243,8 @@ impl Etsi014Client {
             return Err(invalid("a query is not allowed"));
         }
 
-        let roots = tls::root_store(&tls.ca_pem)?;
-        let chain = tls::parse_certs(&tls.cert_pem, "client certificate")?;
-        let key = tls::parse_key(&tls.key_pem)?;
-        let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(TlsConfigError::from)?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(TlsConfigError::from)?;
-        config.alpn_protocols = match options.http {
-            HttpVersionPolicy::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-            HttpVersionPolicy::Http1Only => vec![b"http/1.1".to_vec()],
-            HttpVersionPolicy::Http2Only => vec![b"h2".to_vec()],
-        };
-        let last_io_error = LastIoError::default();
-        let connector = TlsConnector {
-            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
-            connect_timeout: options.connect_timeout,
-            last_error: last_io_error.clone(),
-        };
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(options.pool_idle_timeout);
-        if options.http == HttpVersionPolicy::Http2Only {
-            builder.http2_only(true);
-        }
-        Ok(Self { base: base.into(), http: builder.build(connector), options, last_io_error })
+        let http = MtlsHttp::new(&tls, &options)?;
+        Ok(Self { base: base.into(), http, options })
     }
 
     /// The base URL requests go to.
@@ -379,7 +351,7 @@ impl Etsi014Client {
         let timeout = self.options.timeout;
         let started = Instant::now();
         let exchange = async {
-            let response = self.http.request(request).await.map_err(|e| {
+            let response = self.http.client.request(request).await.map_err(|e| {
                 let mut error = transport(&url, e);
                 self.add_connection_cause(&mut error, started);
                 error
@@ -431,7 +403,7 @@ impl Etsi014Client {
     /// Appends the I/O error a connection met since `started`, if hyper's error lacks it.
     fn add_connection_cause(&self, error: &mut Etsi014Error, started: Instant) {
         let Etsi014Error::Transport { reason, .. } = error else { return };
-        let Ok(slot) = self.last_io_error.lock() else { return };
+        let Ok(slot) = self.http.last_io_error.lock() else { return };
         if let Some((at, cause)) = slot.as_ref()
             && *at >= started
             && !reason.contains(cause.as_str())
@@ -467,6 +439,55 @@ fn transport(url: &str, error: impl Into<Box<dyn std::error::Error + Send + Sync
 /// such failures only as "connection closed"; this keeps the cause (for instance the KME's
 /// TLS alert refusing our client certificate, which TLS 1.3 delivers after the handshake).
 type LastIoError = Arc<Mutex<Option<(Instant, String)>>>;
+
+/// A pooled HTTPS client that presents a client certificate (mutual TLS) and speaks HTTP/2 or
+/// HTTP/1.1 as ALPN settles: what the ETSI 014 client and kmd's peer channel both send over.
+#[derive(Clone)]
+pub struct MtlsHttp {
+    client: Client<TlsConnector, Full<Bytes>>,
+    last_io_error: LastIoError,
+}
+
+impl MtlsHttp {
+    /// Builds the client: trusts `tls.ca_pem`, presents `tls.cert_pem`/`tls.key_pem`, and takes
+    /// timeouts and HTTP versions from `options`.
+    pub fn new(tls: &ClientTlsConfig, options: &ClientOptions) -> Result<Self, TlsConfigError> {
+        let roots = tls::root_store(&tls.ca_pem)?;
+        let chain = tls::parse_certs(&tls.cert_pem, "client certificate")?;
+        let key = tls::parse_key(&tls.key_pem)?;
+        let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(TlsConfigError::from)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(TlsConfigError::from)?;
+        config.alpn_protocols = match options.http {
+            HttpVersionPolicy::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            HttpVersionPolicy::Http1Only => vec![b"http/1.1".to_vec()],
+            HttpVersionPolicy::Http2Only => vec![b"h2".to_vec()],
+        };
+        let last_io_error = LastIoError::default();
+        let connector = TlsConnector {
+            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            connect_timeout: options.connect_timeout,
+            last_error: last_io_error.clone(),
+        };
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(options.pool_idle_timeout);
+        if options.http == HttpVersionPolicy::Http2Only {
+            builder.http2_only(true);
+        }
+        Ok(Self { client: builder.build(connector), last_io_error })
+    }
+
+    /// Sends a request over a pooled connection (or a new one).
+    pub fn request(&self, request: http::Request<Full<Bytes>>) -> hyper_util::client::legacy::ResponseFuture {
+        self.client.request(request)
+    }
+}
 
 /// Opens TCP + TLS connections for the pool, reporting the ALPN outcome to hyper.
 #[derive(Clone)]

@@ -1,27 +1,18 @@
 //! The HTTPS client of the peer channel: mutual TLS, pooled keep-alive connections, HTTP/2 by
 //! ALPN (HTTP/1.1 otherwise), JSON in and out, one time limit per request.
 
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use etsi014::ErrorBody;
-use etsi014::tls::{self, TlsConfigError, TlsPem};
+use etsi014::client::{ClientOptions, MtlsHttp};
+use etsi014::tls::{TlsConfigError, TlsPem};
 use http::header::{ACCEPT, CONTENT_TYPE};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls_pki_types::ServerName;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 
 const MAX_RESPONSE_BYTES: usize = 16 << 20;
 
@@ -73,7 +64,7 @@ pub(crate) enum ClientBuildError {
 #[derive(Clone)]
 pub(crate) struct PeerClient {
     base: Arc<str>,
-    http: Client<Connector, Full<Bytes>>,
+    http: MtlsHttp,
     timeout: Duration,
 }
 
@@ -85,25 +76,14 @@ impl PeerClient {
         if uri.scheme_str() != Some("https") || uri.host().is_none_or(str::is_empty) {
             return Err(ClientBuildError::Url(format!("{base_url:?} is not https://host[:port]")));
         }
-        let roots = tls::root_store(&pem.ca_pem).map_err(ClientBuildError::Tls)?;
-        let chain =
-            tls::parse_certs(&pem.cert_pem, "peer-channel certificate").map_err(ClientBuildError::Tls)?;
-        let key = tls::parse_key(&pem.key_pem).map_err(ClientBuildError::Tls)?;
-        let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ClientBuildError::Tls(e.into()))?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| ClientBuildError::Tls(e.into()))?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let connector =
-            Connector { tls: tokio_rustls::TlsConnector::from(Arc::new(config)), connect_timeout: timeout };
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30));
-        Ok(Self { base: base.into(), http: builder.build(connector), timeout })
+        let options = ClientOptions {
+            timeout,
+            connect_timeout: timeout,
+            pool_idle_timeout: Duration::from_secs(30),
+            ..ClientOptions::default()
+        };
+        let http = MtlsHttp::new(pem, &options).map_err(ClientBuildError::Tls)?;
+        Ok(Self { base: base.into(), http, timeout })
     }
 
     pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, PeerError> {
@@ -169,77 +149,4 @@ fn transport(url: &str, error: &(dyn std::error::Error + 'static)) -> PeerError 
         cause = c.source();
     }
     PeerError::Transport { url: url.to_owned(), reason }
-}
-
-#[derive(Clone)]
-struct Connector {
-    tls: tokio_rustls::TlsConnector,
-    connect_timeout: Duration,
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = TlsConnection;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<TlsConnection>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let tls = self.tls.clone();
-        let limit = self.connect_timeout;
-        Box::pin(async move {
-            let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_owned());
-            let host = uri.host().ok_or_else(|| invalid("no host in URL"))?;
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let port = uri.port_u16().unwrap_or(443);
-            let name = ServerName::try_from(host.to_owned()).map_err(|e| invalid(&e.to_string()))?;
-            let connect = async {
-                let tcp = TcpStream::connect((host, port)).await?;
-                tcp.set_nodelay(true)?;
-                tls.connect(name, tcp).await
-            };
-            let stream = tokio::time::timeout(limit, connect).await.map_err(|_| {
-                io::Error::new(io::ErrorKind::TimedOut, "connect and TLS handshake timed out")
-            })??;
-            Ok(TlsConnection { io: TokioIo::new(stream) })
-        })
-    }
-}
-
-struct TlsConnection {
-    io: TokioIo<TlsStream<TcpStream>>,
-}
-
-impl Connection for TlsConnection {
-    fn connected(&self) -> Connected {
-        let (tcp, session) = self.io.inner().get_ref();
-        let connected = tcp.connected();
-        if session.alpn_protocol() == Some(b"h2") { connected.negotiated_h2() } else { connected }
-    }
-}
-
-impl hyper::rt::Read for TlsConnection {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for TlsConnection {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }
