@@ -1,7 +1,11 @@
 //! The README's first command: `cargo xtask demo` brings up both sites and describes them in
 //! `state.json` under the documented names.
 
-use qutemail_e2e::xtask;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use qutemail_e2e::{cargo, xtask};
 
 #[test]
 fn the_demo_comes_up_and_state_json_keeps_its_contract() {
@@ -30,6 +34,7 @@ fn the_demo_comes_up_and_state_json_keeps_its_contract() {
         assert!(s["qkd_device"]["device_id"].as_str().unwrap().starts_with("QSIM-"));
         assert!(s["qkd_device"]["baud_rate"].as_u64().unwrap() > 0);
     }
+    check_site_keys(&state);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("QuteMail demo is up"), "{stdout}");
     // With --check the demo stops what it started.
@@ -38,4 +43,115 @@ fn the_demo_comes_up_and_state_json_keeps_its_contract() {
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "qkd-sim still running after the demo exited"
     );
+    assert_stopped(&state);
+
+    // The fixed ports are free again: run the demo live, take a key at A with curl and the
+    // same key at B, then stop the demo with Ctrl-C (SIGINT).
+    live_demo_hands_out_the_same_key_at_both_sites();
+}
+
+fn check_site_keys(state: &serde_json::Value) {
+    for (site, domain, kme) in [("A", "a.qutemail.test", "KME-A"), ("B", "b.qutemail.test", "KME-B")] {
+        let s = &state["sites"][site];
+        assert_eq!(s["domain"], domain, "{s}");
+        assert_eq!(s["kme_id"], kme, "{s}");
+        assert!(s["etsi014_url"].as_str().unwrap().starts_with("https://127.0.0.1:"), "{s}");
+        assert!(s["metrics_url"].as_str().unwrap().starts_with("http://127.0.0.1:"), "{s}");
+        assert!(s["kmd_pid"].as_u64().unwrap() > 0, "{s}");
+        assert!(Path::new(s["kmd_config"].as_str().unwrap()).is_file(), "{s}");
+        assert!(Path::new(s["ca_cert"].as_str().unwrap()).is_file(), "{s}");
+        let saes = s["saes"].as_array().unwrap();
+        let ids: Vec<&str> = saes.iter().map(|x| x["sae_id"].as_str().unwrap()).collect();
+        assert_eq!(ids, [format!("{site}-mail"), format!("{site}-app")], "{s}");
+        for sae in saes {
+            assert!(Path::new(sae["cert"].as_str().unwrap()).is_file(), "{sae}");
+            assert!(Path::new(sae["key"].as_str().unwrap()).is_file(), "{sae}");
+        }
+    }
+    let dir = Path::new(state["state_dir"].as_str().unwrap());
+    for p in ["pki", "hsm/A", "hsm/B", "kmd-A.toml", "kmd-B.toml", "store/A", "store/B", "logs"] {
+        assert!(dir.join(p).exists(), "{p} missing in {}", dir.display());
+    }
+}
+
+fn assert_stopped(state: &serde_json::Value) {
+    let mut pids = vec![state["link"]["simulator_pid"].as_u64().unwrap()];
+    for site in ["A", "B"] {
+        pids.push(state["sites"][site]["kmd_pid"].as_u64().unwrap());
+    }
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} still running after the demo exited"
+        );
+    }
+}
+
+fn curl(site: &serde_json::Value, sae: usize, path: &str) -> serde_json::Value {
+    let sae = &site["saes"][sae];
+    let out = Command::new("curl")
+        .args(["-sS", "--fail-with-body", "--max-time", "20", "--cacert"])
+        .arg(site["ca_cert"].as_str().unwrap())
+        .arg("--cert")
+        .arg(sae["cert"].as_str().unwrap())
+        .arg("--key")
+        .arg(sae["key"].as_str().unwrap())
+        .arg(format!("{}{path}", site["etsi014_url"].as_str().unwrap()))
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "curl {path}: {out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn live_demo_hands_out_the_same_key_at_both_sites() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_path = dir.path().join("state.json");
+    let log = std::fs::File::create(dir.path().join("demo.out")).unwrap();
+    let mut demo = cargo()
+        .args(["run", "--quiet", "-p", "xtask", "--", "demo", "--state-dir"])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let state: serde_json::Value = loop {
+        if let Ok(bytes) = std::fs::read(&state_path)
+            && let Ok(v) = serde_json::from_slice(&bytes)
+        {
+            break v;
+        }
+        if let Some(status) = demo.try_wait().unwrap() {
+            panic!(
+                "demo exited ({status}): {}",
+                std::fs::read_to_string(dir.path().join("demo.out")).unwrap()
+            );
+        }
+        assert!(Instant::now() < deadline, "no state.json within 300 s");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    check_site_keys(&state);
+    let (a, b) = (&state["sites"]["A"], &state["sites"]["B"]);
+    let enc = curl(a, 0, "/api/v1/keys/B-mail/enc_keys");
+    let key = &enc["keys"][0];
+    let id = key["key_ID"].as_str().unwrap();
+    let dec = curl(b, 0, &format!("/api/v1/keys/A-mail/dec_keys?key_ID={id}"));
+    assert_eq!(dec["keys"][0]["key_ID"], id, "{dec}");
+    assert_eq!(dec["keys"][0]["key"], key["key"], "the same key at both sites: {enc} {dec}");
+
+    let ok = Command::new("kill").args(["-INT", &demo.id().to_string()]).status().unwrap();
+    assert!(ok.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = demo.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the demo did not exit on SIGINT");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = std::fs::read_to_string(dir.path().join("demo.out")).unwrap();
+    assert!(status.success(), "demo exited with {status} after SIGINT: {out}");
+    assert!(out.contains("QuteMail demo is up"), "{out}");
+    assert_stopped(&state);
 }

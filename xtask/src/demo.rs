@@ -1,30 +1,43 @@
 //! `cargo xtask demo`: two sites joined by a simulated QKD link.
 //!
-//! Today the demo runs `qkd-sim` and, for each site, a host that reads key blocks from that
-//! site's device over the serial protocol and checks that both sites hold the same blocks.
-//! Later parts (kmd, the mail gateway) join it; `state.json` keeps its names.
+//! The demo runs `qkd-sim` and, for each site, a real `kmd` process on that site's end of the
+//! link (its own SoftHSM token, SQLite store and configuration), with one demo PKI for the
+//! ETSI 014 listeners, the peer channel and the SAEs. `state.json` describes it (README.md).
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use qkd_device::serial::{SerialConfig, SerialDevice};
-use qkd_device::{DeviceEvent, QkdDevice};
+use etsi014::client::{ClientOptions, ClientTlsConfig, Etsi014Client};
 use serde::Serialize;
 
 use crate::system;
 
 const SIM_CONFIG: &str = include_str!("../demo/qkd-sim.toml");
+const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const TOKEN_LABEL: &str = "qutemail-demo";
+const USER_PIN: &str = "demo-user-pin-4711";
+const SO_PIN: &str = "demo-so-pin-0815";
+const BAUD_RATE: u32 = 4_000_000;
 
-/// Kills the demo's child processes however the demo ends.
+/// Kills the demo's child processes however the demo ends (kmds first, then the simulator).
 struct Children(Vec<(String, Child)>);
 
 impl Drop for Children {
     fn drop(&mut self) {
-        for (name, child) in &mut self.0 {
+        for (name, child) in self.0.iter_mut().rev() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = child.kill();
             let _ = child.wait();
             eprintln!("demo: stopped {name}");
@@ -52,7 +65,22 @@ struct LinkState {
 #[derive(Serialize)]
 struct SiteState {
     name: &'static str,
+    domain: &'static str,
+    kme_id: &'static str,
+    etsi014_url: String,
+    ca_cert: PathBuf,
+    saes: Vec<SaeState>,
+    metrics_url: String,
+    kmd_pid: u32,
+    kmd_config: PathBuf,
     qkd_device: DeviceState,
+}
+
+#[derive(Serialize, Clone)]
+struct SaeState {
+    sae_id: String,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Serialize)]
@@ -63,24 +91,74 @@ struct DeviceState {
     baud_rate: u32,
 }
 
-#[derive(Default)]
-struct SiteCounters {
-    connected: bool,
-    blocks: u64,
-    key_bytes: u64,
-    kcvs: HashMap<u64, [u8; 16]>,
-    last_telemetry: Option<qkd_device::LinkTelemetry>,
+/// One site's fixed facts.
+struct SiteSpec {
+    name: &'static str,
+    end: &'static str,
+    role: &'static str,
+    domain: &'static str,
+    kme_id: &'static str,
+    peer: usize,
+    saes: [&'static str; 2],
+    etsi_port: u16,
+    metrics_port: u16,
+    peer_port: u16,
 }
+
+const SITES: [SiteSpec; 2] = [
+    SiteSpec {
+        name: "A",
+        end: "alice",
+        role: "transmitter",
+        domain: "a.qutemail.test",
+        kme_id: "KME-A",
+        peer: 1,
+        saes: ["A-mail", "A-app"],
+        etsi_port: 8441,
+        metrics_port: 9461,
+        peer_port: 8451,
+    },
+    SiteSpec {
+        name: "B",
+        end: "bob",
+        role: "receiver",
+        domain: "b.qutemail.test",
+        kme_id: "KME-B",
+        peer: 0,
+        saes: ["B-mail", "B-app"],
+        etsi_port: 8442,
+        metrics_port: 9462,
+        peer_port: 8452,
+    },
+];
 
 pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Result<()> {
     let profile = if release { "release" } else { "debug" };
     let mut build = system::cargo();
-    build.args(["build", "--quiet", "-p", "qkd-sim"]);
+    build.args(["build", "--quiet", "-p", "qkd-sim", "-p", "kmd"]);
     if release {
         build.arg("--release");
     }
     if !build.status().context("running cargo build")?.success() {
         bail!("building the demo's binaries failed");
+    }
+    if !Path::new(SOFTHSM_MODULE).is_file() {
+        if !system::is_root() {
+            bail!(
+                "SoftHSM2 is not installed ({SOFTHSM_MODULE} is missing): run `apt-get install -y softhsm2` as root"
+            );
+        }
+        system::ensure_packages(&[("softhsm2", "the demo's kmd keeps its wrapping key in SoftHSM")], true)?;
+        if !Path::new(SOFTHSM_MODULE).is_file() {
+            bail!("{SOFTHSM_MODULE} is still missing after installing softhsm2");
+        }
+    }
+    for s in &SITES {
+        for port in [s.etsi_port, s.metrics_port, s.peer_port] {
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                bail!("site {}: port 127.0.0.1:{port} is busy (is another demo running?)", s.name);
+            }
+        }
     }
     let bin = system::target_dir(profile);
     let dir = match state_dir {
@@ -91,13 +169,62 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
     let dir = dir.canonicalize()?;
     let _ = std::fs::remove_file(dir.join("state.json"));
 
+    // PKI: one demo CA signs the kmd server certificates, the peer certificates and the SAEs.
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki)?;
+    let ca = etsi014::pki::Ca::new("QuteMail demo CA")?;
+    let ca_pem = ca.ca_pem();
+    let ca_cert = pki.join("ca.pem");
+    std::fs::write(&ca_cert, &ca_pem)?;
+    let mut saes: Vec<Vec<SaeState>> = Vec::new();
+    for s in &SITES {
+        ca.server(&["localhost", "127.0.0.1"])?.write(&pki, &format!("kmd-{}", s.name))?;
+        ca.client(s.kme_id)?.write(&pki, &format!("peer-{}", s.name))?;
+        let mut list = Vec::new();
+        for sae in s.saes {
+            ca.client(sae)?.write(&pki, sae)?;
+            list.push(SaeState {
+                sae_id: sae.to_string(),
+                cert: pki.join(format!("{sae}.pem")),
+                key: pki.join(format!("{sae}.key")),
+            });
+        }
+        saes.push(list);
+    }
+
+    // SoftHSM tokens, one per site.
+    for s in &SITES {
+        let hsm = dir.join("hsm").join(s.name);
+        let tokens = hsm.join("tokens");
+        let _ = std::fs::remove_dir_all(&hsm);
+        std::fs::create_dir_all(&tokens)?;
+        std::fs::create_dir_all(dir.join("store").join(s.name))?;
+        let conf = hsm.join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                tokens.display()
+            ),
+        )?;
+        let out = Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", TOKEN_LABEL, "--pin", USER_PIN, "--so-pin", SO_PIN])
+            .env("SOFTHSM2_CONF", &conf)
+            .output()
+            .context("running softhsm2-util (apt-get install -y softhsm2)")?;
+        if !out.status.success() {
+            bail!("softhsm2-util --init-token failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        write_private(&hsm.join("pin"), &format!("{USER_PIN}\n"))?;
+    }
+
     let sim_config = dir.join("qkd-sim.toml");
     std::fs::write(&sim_config, SIM_CONFIG)?;
     let control_socket = dir.join("qkd-sim.sock");
     let sim_state = dir.join("qkd-sim.json");
     let _ = std::fs::remove_file(&sim_state);
     let log = std::fs::File::create(dir.join("logs/qkd-sim.log"))?;
-    let sim = std::process::Command::new(bin.join("qkd-sim"))
+    let sim = Command::new(bin.join("qkd-sim"))
         .arg("run")
         .arg("--config")
         .arg(&sim_config)
@@ -112,34 +239,85 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
         .spawn()
         .context("starting qkd-sim")?;
     let simulator_pid = sim.id();
-    let _children = Children(vec![("qkd-sim".into(), sim)]);
+    let mut children = Children(vec![("qkd-sim".into(), sim)]);
 
     let sim_info: serde_json::Value = wait_for_json(&sim_state, Duration::from_secs(30))?;
     let pty = |end: &str| sim_info[end]["pty"].as_str().unwrap_or_default().to_string();
     let device_id = |end: &str| sim_info[end]["device_id"].as_str().unwrap_or_default().to_string();
-    let baud_rate = 4_000_000;
+
+    let mut pids = Vec::new();
+    let mut configs = Vec::new();
+    for s in &SITES {
+        let peer = &SITES[s.peer];
+        let config = dir.join(format!("kmd-{}.toml", s.name));
+        std::fs::write(
+            &config,
+            kmd_config(&dir, s, peer, &pty(s.end), sim_info["link_id"].as_str().unwrap_or("link-a-b")),
+        )?;
+        let log = std::fs::File::create(dir.join(format!("logs/kmd-{}.log", s.name)))?;
+        let child = Command::new(bin.join("kmd"))
+            .arg("--config")
+            .arg(&config)
+            .env("SOFTHSM2_CONF", dir.join("hsm").join(s.name).join("softhsm2.conf"))
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting kmd {}", s.name))?;
+        pids.push(child.id());
+        configs.push(config);
+        children.0.push((format!("kmd {}", s.name), child));
+    }
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(async {
-        let sites: [(&'static str, String); 2] = [("A", pty("alice")), ("B", pty("bob"))];
-        let counters: Vec<Arc<Mutex<SiteCounters>>> =
-            (0..2).map(|_| Arc::new(Mutex::new(SiteCounters::default()))).collect();
-        for ((name, path), counters) in sites.iter().zip(&counters) {
-            let device = SerialDevice::open(SerialConfig::new(path, baud_rate))
-                .with_context(|| format!("site {name}: opening {path}"))?;
-            tokio::spawn(read_site(device, counters.clone()));
+    let result = rt.block_on(async {
+        let mut clients = Vec::new();
+        for (s, list) in SITES.iter().zip(&saes) {
+            let tls = ClientTlsConfig::from_files(&ca_cert, &list[0].cert, &list[0].key)?;
+            let options = ClientOptions { timeout: Duration::from_secs(5), ..ClientOptions::default() };
+            clients.push(Etsi014Client::with_options(&format!("https://127.0.0.1:{}", s.etsi_port), tls, options)?);
         }
         let started = Instant::now();
         loop {
-            let ready = counters.iter().all(|c| c.lock().map(|c| c.connected && c.blocks > 0).unwrap_or(false));
+            let mut ready = true;
+            for (i, (s, client)) in SITES.iter().zip(&clients).enumerate() {
+                if let Some(Ok(status)) = children.0.get_mut(i + 1).map(|(_, c)| c.try_wait())
+                    && let Some(status) = status
+                {
+                    bail!("kmd {} exited ({status}); see {}/logs/kmd-{}.log", s.name, dir.display(), s.name);
+                }
+                match client.status(SITES[s.peer].saes[0]).await {
+                    Ok(st) if s.name != "A" || st.stored_key_count > 0 => {}
+                    _ => ready = false,
+                }
+            }
             if ready {
                 break;
             }
-            if started.elapsed() > Duration::from_secs(60) {
-                bail!("the sites received no key blocks within 60 s; see {}/logs", dir.display());
+            if started.elapsed() > Duration::from_secs(120) {
+                bail!("the kmds were not ready with keys within 120 s; see {}/logs", dir.display());
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
+        let site_state = |i: usize| {
+            let s = &SITES[i];
+            SiteState {
+                name: s.name,
+                domain: s.domain,
+                kme_id: s.kme_id,
+                etsi014_url: format!("https://127.0.0.1:{}", s.etsi_port),
+                ca_cert: ca_cert.clone(),
+                saes: saes[i].clone(),
+                metrics_url: format!("http://127.0.0.1:{}/metrics", s.metrics_port),
+                kmd_pid: pids[i],
+                kmd_config: configs[i].clone(),
+                qkd_device: DeviceState { pty: pty(s.end), device_id: device_id(s.end), role: s.role, baud_rate: BAUD_RATE },
+            }
+        };
         let state = DemoState {
             version: 1,
             state_dir: dir.clone(),
@@ -149,26 +327,15 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
                 control_socket: control_socket.clone(),
                 simulator_config: sim_config.clone(),
             },
-            sites: HashMap::from([
-                (
-                    "A",
-                    SiteState {
-                        name: "A",
-                        qkd_device: DeviceState { pty: pty("alice"), device_id: device_id("alice"), role: "transmitter", baud_rate },
-                    },
-                ),
-                (
-                    "B",
-                    SiteState {
-                        name: "B",
-                        qkd_device: DeviceState { pty: pty("bob"), device_id: device_id("bob"), role: "receiver", baud_rate },
-                    },
-                ),
-            ]),
+            sites: HashMap::from([("A", site_state(0)), ("B", site_state(1))]),
         };
         write_atomically(&dir.join("state.json"), &serde_json::to_vec_pretty(&state)?)?;
         println!("QuteMail demo is up. State: {}", dir.join("state.json").display());
         println!("  QKD link {}: site A on {}, site B on {}", state.link.id, pty("alice"), pty("bob"));
+        for spec in &SITES {
+            let s = &state.sites[spec.name];
+            println!("  site {}: kmd {} (pid {}) ETSI 014 at {}, metrics {}", s.name, s.kme_id, s.kmd_pid, s.etsi014_url, s.metrics_url);
+        }
         println!("  Faults: {} ctl --socket {} fibre-cut on|off | eavesdrop 0.2 | noise both --flip-rate 0.001 | reboot alice",
             bin.join("qkd-sim").display(), control_socket.display());
         if check {
@@ -179,75 +346,137 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
             let mut tick = tokio::time::interval(Duration::from_secs(2));
             loop {
                 tick.tick().await;
-                print_line(&counters);
+                let mut parts = Vec::new();
+                for (s, client) in SITES.iter().zip(&clients) {
+                    let keys = match client.status(SITES[s.peer].saes[0]).await {
+                        Ok(st) => st.stored_key_count.to_string(),
+                        Err(_) => "?".into(),
+                    };
+                    let (link, qber) = link_from_metrics(s.metrics_port);
+                    parts.push(format!("site {}: keys {:>5} link {:<12} QBER {}", s.name, keys, link, qber));
+                }
+                println!("{}", parts.join(" | "));
             }
         };
         tokio::select! {
             () = printer => Ok(()),
             r = tokio::signal::ctrl_c() => r.map_err(Into::into),
         }
-    })
+    });
+    drop(rt);
+    drop(children);
+    result
 }
 
-async fn read_site(mut device: SerialDevice, counters: Arc<Mutex<SiteCounters>>) {
-    // Keep a modest amount of credit outstanding; this stands in for kmd's pool refill.
-    const BATCH: u32 = 32;
-    if device.request_blocks(BATCH).await.is_err() {
-        return;
-    }
-    let mut owed = BATCH;
-    while let Ok(event) = device.next_event().await {
-        let was_block = matches!(event, DeviceEvent::KeyBlock(_));
-        if let Ok(mut c) = counters.lock() {
-            record(&mut c, event);
-        }
-        if was_block {
-            owed -= 1;
-            if owed == 0 {
-                owed = BATCH;
-                if device.request_blocks(BATCH).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
+/// kmd's configuration for site `s` (see docs/kmd-config.md); every path is absolute.
+fn kmd_config(dir: &Path, s: &SiteSpec, peer: &SiteSpec, pty: &str, link_id: &str) -> String {
+    let pki = dir.join("pki");
+    let pki = pki.display();
+    let hsm = dir.join("hsm").join(s.name);
+    let saes: String = s
+        .saes
+        .iter()
+        .map(|sae| {
+            format!("[[sae]]\nsae_id = \"{sae}\"\ncommon_name = \"{sae}\"\nlinks = [\"{link_id}\"]\n\n")
+        })
+        .collect();
+    format!(
+        r#"[site]
+kme_id = "{kme_id}"
+name = "Site {name} ({domain})"
+
+[hsm]
+module_path = "{SOFTHSM_MODULE}"
+token = {{ label = "{TOKEN_LABEL}" }}
+pin = {{ file = "{pin}" }}
+wrapping_key_label = "qutemail-demo-kek"
+pool_size = 2
+
+[store]
+path = "{store}/keys.db"
+
+[etsi014]
+listen = "127.0.0.1:{etsi_port}"
+server_cert = "{pki}/kmd-{name}.pem"
+server_key = "{pki}/kmd-{name}.key"
+client_ca = "{pki}/ca.pem"
+
+{saes}[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
+[log]
+level = "info"
+format = "text"
+
+[[link]]
+id = "{link_id}"
+peer_kme_id = "{peer_kme_id}"
+peer_url = "https://localhost:{peer_peer_port}"
+peer_sae_ids = ["{p0}", "{p1}"]
+device = {{ serial = {{ path = "{pty}", baud_rate = {BAUD_RATE} }} }}
+
+[link.pool]
+max_blocks = 64
+low_water = 16
+high_water = 32
+
+[peer]
+listen = "127.0.0.1:{peer_port}"
+ca_cert = "{pki}/ca.pem"
+server_cert = "{pki}/kmd-{name}.pem"
+server_key = "{pki}/kmd-{name}.key"
+client_cert = "{pki}/peer-{name}.pem"
+client_key = "{pki}/peer-{name}.key"
+"#,
+        kme_id = s.kme_id,
+        name = s.name,
+        domain = s.domain,
+        pin = hsm.join("pin").display(),
+        store = dir.join("store").join(s.name).display(),
+        etsi_port = s.etsi_port,
+        metrics_port = s.metrics_port,
+        peer_port = s.peer_port,
+        peer_kme_id = peer.kme_id,
+        peer_peer_port = peer.peer_port,
+        p0 = peer.saes[0],
+        p1 = peer.saes[1],
+    )
 }
 
-fn record(c: &mut SiteCounters, event: DeviceEvent) {
-    match event {
-        DeviceEvent::Connected(_) => c.connected = true,
-        DeviceEvent::Disconnected { .. } => c.connected = false,
-        DeviceEvent::Telemetry(t) => c.last_telemetry = Some(t),
-        DeviceEvent::Alarm(a) => {
-            println!("alarm: {} ({})", a.text, if a.raised { "raised" } else { "cleared" })
+/// The link state and QBER from kmd's `/metrics` (plain HTTP): ("?", "?") if unreadable.
+fn link_from_metrics(port: u16) -> (String, String) {
+    let text = (|| -> std::io::Result<String> {
+        let mut conn = TcpStream::connect(("127.0.0.1", port))?;
+        conn.set_read_timeout(Some(Duration::from_secs(1)))?;
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body)?;
+        Ok(body)
+    })()
+    .unwrap_or_default();
+    let mut link = "?".to_string();
+    let mut qber = "?".to_string();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("kmd_device_link_state{")
+            && line.ends_with(" 1")
+            && let Some(state) = rest.split("state=\"").nth(1).and_then(|r| r.split('"').next())
+        {
+            link = state.to_string();
         }
-        DeviceEvent::KeyBlock(b) => {
-            c.blocks += 1;
-            c.key_bytes += b.key.len() as u64;
-            if let qkd_device::BlockId::Sequence(id) = b.block_id {
-                c.kcvs.insert(id, b.kcv);
-            }
+        if line.starts_with("kmd_link_qber_ratio{")
+            && let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok())
+        {
+            qber = format!("{:.2}%", v * 100.0);
         }
     }
+    (link, qber)
 }
 
-fn print_line(counters: &[Arc<Mutex<SiteCounters>>]) {
-    let (Ok(a), Ok(b)) = (counters[0].lock(), counters[1].lock()) else { return };
-    let matched = a.kcvs.iter().filter(|(id, kcv)| b.kcvs.get(id) == Some(kcv)).count();
-    let mismatched = a.kcvs.iter().filter(|(id, kcv)| b.kcvs.get(id).is_some_and(|k| k != *kcv)).count();
-    let t = a.last_telemetry.as_ref();
-    println!(
-        "link {:<14} QBER {:>5.2}%  secret {:>8.1} kbit/s | site A {:>6} blocks {:>9} B | site B {:>6} blocks {:>9} B | same at both sites {} (mismatched {})",
-        t.map_or("?", |t| t.link_state.as_str()),
-        t.and_then(|t| t.qber).unwrap_or(0.0) * 100.0,
-        t.and_then(|t| t.secret_rate_bps).unwrap_or(0.0) / 1e3,
-        a.blocks,
-        a.key_bytes,
-        b.blocks,
-        b.key_bytes,
-        matched,
-        mismatched
-    );
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
 }
 
 fn wait_for_json(path: &Path, timeout: Duration) -> anyhow::Result<serde_json::Value> {

@@ -20,7 +20,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the two-site demo (simulated QKD link, both sites' hosts) until interrupted.
+    /// Run the two-site demo (simulated QKD link, a kmd per site) until interrupted.
     Demo {
         /// Directory for the demo's state: state.json, sockets, logs, configs. A temporary
         /// directory is used when omitted.

@@ -69,7 +69,7 @@ pub fn target_dir(profile: &str) -> PathBuf {
     base.join(profile)
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     // SAFETY-free check: `id -u` avoids a libc dependency for one call.
     Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
