@@ -642,6 +642,45 @@ impl KeyPool {
     }
 }
 
+/// Writes back the blocks a cut used: a block used up loses its material; a block partly used
+/// takes its re-wrapped remainder (`rewrapped`, by index into `blocks`). Returns how many blocks
+/// were erased.
+async fn store_cut_blocks(
+    tx: &mut Tx,
+    path: &Path,
+    blocks: &[LiveBlock],
+    mut rewrapped: HashMap<usize, Vec<u8>>,
+) -> Result<u64, PoolError> {
+    let now = now_ms();
+    let mut erased = 0u64;
+    for (i, b) in blocks.iter().enumerate() {
+        if b.consumed == b.len {
+            sqlx::query(
+                "UPDATE blocks SET state = 'consumed', consumed = len, material = NULL, changed_unix_ms = ?2 WHERE id = ?1",
+            )
+            .bind(b.row)
+            .bind(now)
+            .execute(&mut **tx)
+            .await
+            .db(path)?;
+            erased += 1;
+        } else {
+            let blob = rewrapped
+                .remove(&i)
+                .ok_or_else(|| PoolError::Internal("a partly used block was not re-wrapped".into()))?;
+            sqlx::query("UPDATE blocks SET consumed = ?2, material = ?3, changed_unix_ms = ?4 WHERE id = ?1")
+                .bind(b.row)
+                .bind(int(b.consumed as u64, "consumed")?)
+                .bind(blob)
+                .bind(now)
+                .execute(&mut **tx)
+                .await
+                .db(path)?;
+        }
+    }
+    Ok(erased)
+}
+
 async fn link_side(tx: &mut Tx, path: &Path, link_id: &str) -> Result<Side, PoolError> {
     let side: Option<String> = sqlx::query_scalar("SELECT side FROM links WHERE link_id = ?1")
         .bind(link_id)
@@ -1138,36 +1177,9 @@ impl Inner {
         let mut wrapped = self.wrap_all(to_wrap).await?;
         let block_blobs = wrapped.split_off(keys.len());
 
+        let partial_blobs = partial.iter().copied().zip(block_blobs).collect::<HashMap<_, _>>();
+        let erased = store_cut_blocks(&mut tx, path, &blocks, partial_blobs).await?;
         let now = now_ms();
-        let mut erased = 0u64;
-        let mut partial_blobs = partial.iter().copied().zip(block_blobs).collect::<HashMap<_, _>>();
-        for (i, b) in blocks.iter().enumerate() {
-            if b.consumed == b.len {
-                sqlx::query(
-                    "UPDATE blocks SET state = 'consumed', consumed = len, material = NULL, changed_unix_ms = ?2 WHERE id = ?1",
-                )
-                .bind(b.row)
-                .bind(now)
-                .execute(&mut **tx)
-                .await
-                .db(path)?;
-                erased += 1;
-            } else {
-                let blob = partial_blobs
-                    .remove(&i)
-                    .ok_or_else(|| PoolError::Internal("a partly used block was not re-wrapped".into()))?;
-                sqlx::query(
-                    "UPDATE blocks SET consumed = ?2, material = ?3, changed_unix_ms = ?4 WHERE id = ?1",
-                )
-                .bind(b.row)
-                .bind(int(b.consumed as u64, "consumed")?)
-                .bind(blob)
-                .bind(now)
-                .execute(&mut **tx)
-                .await
-                .db(path)?;
-            }
-        }
 
         let mut grants = Vec::with_capacity(keys.len());
         for ((key, segs), blob) in keys.into_iter().zip(key_segments).zip(wrapped) {
@@ -1367,37 +1379,9 @@ impl Inner {
             drop(plain);
             let mut wrapped = self.wrap_all(to_wrap).await?;
             let block_blobs = wrapped.split_off(n_keys);
-            let mut partial_blobs = partial.iter().copied().zip(block_blobs).collect::<HashMap<_, _>>();
-
+            let partial_blobs = partial.iter().copied().zip(block_blobs).collect::<HashMap<_, _>>();
+            let erased = store_cut_blocks(&mut tx, path, &blocks, partial_blobs).await?;
             let now = now_ms();
-            let mut erased = 0u64;
-            for (i, b) in blocks.iter().enumerate() {
-                if b.consumed == b.len {
-                    sqlx::query(
-                        "UPDATE blocks SET state = 'consumed', consumed = len, material = NULL, changed_unix_ms = ?2 WHERE id = ?1",
-                    )
-                    .bind(b.row)
-                    .bind(now)
-                    .execute(&mut **tx)
-                    .await
-                    .db(path)?;
-                    erased += 1;
-                } else {
-                    let blob = partial_blobs.remove(&i).ok_or_else(|| {
-                        PoolError::Internal("a partly used block was not re-wrapped".into())
-                    })?;
-                    sqlx::query(
-                        "UPDATE blocks SET consumed = ?2, material = ?3, changed_unix_ms = ?4 WHERE id = ?1",
-                    )
-                    .bind(b.row)
-                    .bind(int(b.consumed as u64, "consumed")?)
-                    .bind(blob)
-                    .bind(now)
-                    .execute(&mut **tx)
-                    .await
-                    .db(path)?;
-                }
-            }
             for ((k, place), blob) in fresh.iter().zip(&placements).zip(wrapped) {
                 let size_bits = u32::try_from(k.size_bits())
                     .map_err(|_| PoolError::Invalid { what: "peer key", reason: "too large".into() })?;
