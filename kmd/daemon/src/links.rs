@@ -24,7 +24,7 @@ use crate::config::{DeviceConfig, LinkConfig};
 use crate::metrics::{DeviceLinkState, Metrics, RejectReason};
 use crate::pool::KeyStore;
 use kmd_keypool::InsertOutcome;
-use kmd_kme::Kme;
+use kmd_kme::{Kme, LinkTelemetry};
 
 /// How often the credit is re-evaluated without an event (the pool drains as keys are served).
 const CREDIT_TICK: Duration = Duration::from_secs(1);
@@ -210,6 +210,14 @@ impl<'a> Session<'a> {
             DeviceEvent::Telemetry(t) => {
                 tracing::trace!(link, state = ?t.link_state, qber = ?t.qber, secret_rate_bps = ?t.secret_rate_bps, "telemetry");
                 self.metrics.telemetry(link, &t);
+                self.kme.record_telemetry(
+                    link,
+                    LinkTelemetry {
+                        qber: t.qber,
+                        secret_key_rate_bps: t.secret_rate_bps,
+                        observed_unix_ms: t.unix_ms,
+                    },
+                );
             }
             DeviceEvent::Alarm(alarm) => {
                 let state = if alarm.raised { "raised" } else { "cleared" };

@@ -166,7 +166,7 @@ impl Inner {
                     Key::new(assignment.key_id, KeyMaterial::new(key))
                 })
                 .collect(),
-            key_container_extension: None,
+            key_container_extension: Some(link_extension(link, &self.kme_id, &link.peer_kme_id)),
         })
     }
 
@@ -208,7 +208,7 @@ impl Inner {
         self.observer.keys_served(&link.id, Endpoint::DecKeys, keys.len());
         Ok(KeyContainer {
             keys: keys.into_iter().map(|k| Key::new(k.key_id, KeyMaterial::new(k.key))).collect(),
-            key_container_extension: None,
+            key_container_extension: Some(link_extension(link, &link.peer_kme_id, &self.kme_id)),
         })
     }
 }
@@ -243,6 +243,25 @@ async fn enc_keys_get(
     }
     enc_keys_detached(&s.kme, caller, slave, request).await
 }
+
+/// The `qutemail_link` key container extension: which link and KMEs made the keys, and the
+/// link's last telemetry (QBER, secret key rate) — what a per-message certificate records.
+fn link_extension(link: &Link, source_kme_id: &str, target_kme_id: &str) -> etsi014::types::Extension {
+    let telemetry = link.telemetry.lock().ok().and_then(|t| *t);
+    let mut fields = serde_json::Map::new();
+    fields.insert("link_id".into(), link.id.clone().into());
+    fields.insert("source_KME_ID".into(), source_kme_id.into());
+    fields.insert("target_KME_ID".into(), target_kme_id.into());
+    fields.insert("qber".into(), telemetry.and_then(|t| t.qber).into());
+    fields.insert("secret_key_rate_bps".into(), telemetry.and_then(|t| t.secret_key_rate_bps).into());
+    fields.insert("telemetry_unix_ms".into(), telemetry.map(|t| t.observed_unix_ms).into());
+    let mut extension = serde_json::Map::new();
+    extension.insert(LINK_EXTENSION.into(), fields.into());
+    extension
+}
+
+/// Name of kmd's key container extension.
+pub const LINK_EXTENSION: &str = "qutemail_link";
 
 /// Runs `enc_keys` on its own task: an SAE that hangs up mid-request must not leave keys
 /// reserved (or accepted by the peer) but neither delivered nor discarded.

@@ -43,6 +43,7 @@ use kmd_keypool::{BlockMeta, InsertOutcome, KeyPool, PoolError, Side};
 use tokio::sync::Notify;
 
 pub use client::PeerError;
+pub use etsi::LINK_EXTENSION;
 pub use peer::{
     AcceptReply, AssignmentRequest, BlockCheckReply, BlockCheckRequest, DiscardReply, DiscardRequest,
     PROTOCOL_VERSION, PeerLinkStatus, PeerStatus, RefusalDetail, WireKey, WireVerdict,
@@ -74,6 +75,17 @@ pub enum KmeError {
     /// The peer kmd could not be reached or answered an error.
     #[error(transparent)]
     Peer(#[from] PeerError),
+}
+
+/// What a link's device last reported about the quantum channel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkTelemetry {
+    /// Quantum bit error rate, 0..1.
+    pub qber: Option<f64>,
+    /// Secret key rate, bits per second.
+    pub secret_key_rate_bps: Option<f64>,
+    /// When it was observed, milliseconds since the Unix epoch.
+    pub observed_unix_ms: u64,
 }
 
 /// One SAE pair a link serves: `local` (an SAE at this site) may ask for keys shared with
@@ -301,6 +313,7 @@ pub(crate) struct Link {
     pub(crate) discard_wakeup: Notify,
     pub(crate) inserted_since_check: AtomicU64,
     pub(crate) check_wakeup: Notify,
+    pub(crate) telemetry: std::sync::Mutex<Option<LinkTelemetry>>,
 }
 
 impl Link {
@@ -463,6 +476,7 @@ impl Kme {
                 discard_wakeup: Notify::new(),
                 inserted_since_check: AtomicU64::new(0),
                 check_wakeup: Notify::new(),
+                telemetry: std::sync::Mutex::new(None),
             });
         }
         Ok(Kme {
@@ -495,6 +509,17 @@ impl Kme {
     /// Whether the peer of `link_id` is currently considered up (`None`: unknown link).
     pub fn peer_up(&self, link_id: &str) -> Option<bool> {
         self.inner.link(link_id).map(|l| l.up.load(Ordering::SeqCst))
+    }
+
+    /// Records the latest device telemetry of `link_id`; keys served afterwards carry it in the
+    /// `qutemail_link` key container extension (see the crate README), so that applications can
+    /// certify under which link conditions a key was made. Unknown links are ignored.
+    pub fn record_telemetry(&self, link_id: &str, telemetry: LinkTelemetry) {
+        if let Some(link) = self.inner.link(link_id)
+            && let Ok(mut t) = link.telemetry.lock()
+        {
+            *t = Some(telemetry);
+        }
     }
 
     /// Discards waiting for delivery to the peer of `link_id`.

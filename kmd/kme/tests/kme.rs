@@ -51,6 +51,35 @@ fn enc_at_a_dec_at_b_once_and_errors() {
             let got2 = b_mail.dec_key_get("A-mail", &sent2.keys[0].key_id).await.unwrap();
             assert_eq!(got2.keys[0].key.as_bytes(), sent2.keys[0].key.as_bytes());
 
+            // The `qutemail_link` extension names the link and KMEs (source = the master's KME at
+            // both ends) and carries the link's last telemetry once the device reported some.
+            let link = |c: &etsi014::KeyContainer| {
+                c.key_container_extension.as_ref().unwrap()[kmd_kme::LINK_EXTENSION].clone()
+            };
+            assert_eq!(link(&sent)["link_id"], LINK);
+            assert!(link(&sent)["qber"].is_null(), "no telemetry yet: {}", link(&sent));
+            for c in [&sent, &got] {
+                assert_eq!(
+                    (link(c)["source_KME_ID"].as_str(), link(c)["target_KME_ID"].as_str()),
+                    (Some("kme-A"), Some("kme-B"))
+                );
+            }
+            for site in [&a, &b] {
+                let t = kmd_kme::LinkTelemetry {
+                    qber: Some(0.031),
+                    secret_key_rate_bps: Some(1.5e5),
+                    observed_unix_ms: 7,
+                };
+                site.kme.record_telemetry(LINK, t);
+            }
+            let sent3 = a_mail.enc_keys("B-mail", 1, None).await.unwrap();
+            let got3 = b_mail.dec_key_get("A-mail", &sent3.keys[0].key_id).await.unwrap();
+            for c in [&sent3, &got3] {
+                assert_eq!(link(c)["qber"].as_f64(), Some(0.031));
+                assert_eq!(link(c)["secret_key_rate_bps"].as_f64(), Some(1.5e5));
+                assert_eq!(link(c)["telemetry_unix_ms"].as_u64(), Some(7));
+            }
+
             // Second dec_keys: 400 with the spec's message.
             match b_mail.dec_keys("A-mail", &ids).await {
                 Err(Etsi014Error::BadRequest { error, .. }) => {
@@ -130,13 +159,13 @@ fn enc_at_a_dec_at_b_once_and_errors() {
 
             // The observer saw the requests, by endpoint and status.
             assert_eq!(a.counts.requests(Endpoint::Status, 200), 1);
-            assert_eq!(a.counts.requests(Endpoint::EncKeys, 200), 3);
+            assert_eq!(a.counts.requests(Endpoint::EncKeys, 200), 4);
             assert!(a.counts.requests(Endpoint::EncKeys, 401) >= 1);
             assert_eq!(a.counts.requests(Endpoint::EncKeys, 503), 1);
-            assert_eq!(b.counts.requests(Endpoint::DecKeys, 200), 3);
+            assert_eq!(b.counts.requests(Endpoint::DecKeys, 200), 4);
             assert_eq!(b.counts.requests(Endpoint::DecKeys, 401), 1);
-            assert_eq!(b.counts.requests(Endpoint::PeerAssignments, 200), 3);
-            assert_eq!(a.counts.keys_served.lock().unwrap().get(&Endpoint::EncKeys), Some(&5));
+            assert_eq!(b.counts.requests(Endpoint::PeerAssignments, 200), 4);
+            assert_eq!(a.counts.keys_served.lock().unwrap().get(&Endpoint::EncKeys), Some(&6));
 
             a.shutdown().await;
             b.shutdown().await;
