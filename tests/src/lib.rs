@@ -19,3 +19,81 @@ pub fn cargo() -> Command {
 pub fn xtask(args: &[&str]) -> Output {
     cargo().args(["run", "--quiet", "-p", "xtask", "--"]).args(args).output().expect("running cargo xtask")
 }
+
+/// The two-site demo running live (`cargo xtask demo --state-dir DIR`), as an operator runs it.
+/// Stopped with SIGINT (Ctrl-C) by [`LiveDemo::stop`], or on drop.
+pub struct LiveDemo {
+    /// The demo's state directory (holds `state.json` and `demo.out`, its output).
+    pub dir: tempfile::TempDir,
+    /// `state.json`, as the demo wrote it.
+    pub state: serde_json::Value,
+    child: Option<std::process::Child>,
+}
+
+impl LiveDemo {
+    /// Starts the demo and waits (up to 300 s, first builds included) for its `state.json`.
+    pub fn start() -> LiveDemo {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let state_path = dir.path().join("state.json");
+        let log = std::fs::File::create(dir.path().join("demo.out")).expect("demo.out");
+        let mut child = cargo()
+            .args(["run", "--quiet", "-p", "xtask", "--", "demo", "--state-dir"])
+            .arg(dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("demo.out"))
+            .stderr(log)
+            .spawn()
+            .expect("starting cargo xtask demo");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        let state = loop {
+            if let Ok(bytes) = std::fs::read(&state_path)
+                && let Ok(v) = serde_json::from_slice(&bytes)
+            {
+                break v;
+            }
+            if let Some(status) = child.try_wait().expect("waiting for the demo") {
+                panic!(
+                    "demo exited ({status}): {}",
+                    std::fs::read_to_string(dir.path().join("demo.out")).unwrap_or_default()
+                );
+            }
+            assert!(std::time::Instant::now() < deadline, "no state.json within 300 s");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        LiveDemo { dir, state, child: Some(child) }
+    }
+
+    /// Site `name` ("A" or "B") of `state.json`.
+    pub fn site(&self, name: &str) -> &serde_json::Value {
+        &self.state["sites"][name]
+    }
+
+    /// Stops the demo with SIGINT, as Ctrl-C does, and returns its exit status and output.
+    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.interrupt();
+        let out = std::fs::read_to_string(self.dir.path().join("demo.out")).unwrap_or_default();
+        (status.expect("the demo was running"), out)
+    }
+
+    fn interrupt(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for LiveDemo {
+    fn drop(&mut self) {
+        self.interrupt();
+    }
+}

@@ -2,10 +2,9 @@
 //! `state.json` under the documented names.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use qutemail_e2e::{cargo, xtask};
+use qutemail_e2e::{LiveDemo, xtask};
 
 #[test]
 fn the_demo_comes_up_and_state_json_keeps_its_contract() {
@@ -104,35 +103,10 @@ fn curl(site: &serde_json::Value, sae: usize, path: &str) -> serde_json::Value {
 }
 
 fn live_demo_hands_out_the_same_key_at_both_sites() {
-    let dir = tempfile::tempdir().unwrap();
-    let state_path = dir.path().join("state.json");
-    let log = std::fs::File::create(dir.path().join("demo.out")).unwrap();
-    let mut demo = cargo()
-        .args(["run", "--quiet", "-p", "xtask", "--", "demo", "--state-dir"])
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let state: serde_json::Value = loop {
-        if let Ok(bytes) = std::fs::read(&state_path)
-            && let Ok(v) = serde_json::from_slice(&bytes)
-        {
-            break v;
-        }
-        if let Some(status) = demo.try_wait().unwrap() {
-            panic!(
-                "demo exited ({status}): {}",
-                std::fs::read_to_string(dir.path().join("demo.out")).unwrap()
-            );
-        }
-        assert!(Instant::now() < deadline, "no state.json within 300 s");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let demo = LiveDemo::start();
+    let state = demo.state.clone();
     check_site_keys(&state);
-    let (a, b) = (&state["sites"]["A"], &state["sites"]["B"]);
+    let (a, b) = (demo.site("A"), demo.site("B"));
     let enc = curl(a, 0, "/api/v1/keys/B-mail/enc_keys");
     let key = &enc["keys"][0];
     let id = key["key_ID"].as_str().unwrap();
@@ -140,17 +114,7 @@ fn live_demo_hands_out_the_same_key_at_both_sites() {
     assert_eq!(dec["keys"][0]["key_ID"], id, "{dec}");
     assert_eq!(dec["keys"][0]["key"], key["key"], "the same key at both sites: {enc} {dec}");
 
-    let ok = Command::new("kill").args(["-INT", &demo.id().to_string()]).status().unwrap();
-    assert!(ok.success());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = demo.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the demo did not exit on SIGINT");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let out = std::fs::read_to_string(dir.path().join("demo.out")).unwrap();
+    let (status, out) = demo.stop();
     assert!(status.success(), "demo exited with {status} after SIGINT: {out}");
     assert!(out.contains("QuteMail demo is up"), "{out}");
     assert_stopped(&state);

@@ -12,6 +12,8 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ca-certificates", "TLS roots for apt and pip"),
     ("python3-venv", "the venv for the Python test clients"),
     ("prometheus", "promtool, which checks kmd's metrics exposition"),
+    ("postgresql", "the mail store's tests and benchmark run on PostgreSQL as well as SQLite"),
+    ("openssl", "`openssl speed`, the reference in the envelope benchmark; test certificates"),
 ];
 
 /// Creates (or refreshes, when the requirements changed) the venv with the Python test clients

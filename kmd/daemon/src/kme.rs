@@ -10,9 +10,8 @@
 //!   `peer_certificate_sha256`, `[peer] ca_cert`/`client_cert`/`client_key`,
 //!   `request_timeout_ms`) and its SAE pairs: every `[[sae]]` that lists the link × every
 //!   `peer_sae_ids` entry (an empty `peer_sae_ids` gives no pair: no key is served on it).
-//! - `SyncSettings` are global in `kmd-kme`: `unconfirmed_grace_s` and
-//!   `history_retention_days` come from the first `[[link]]` (the rest keep the defaults of
-//!   `kmd-kme`).
+//! - Each link's `LinkRetention` from its own `[[link]]`: `unconfirmed_grace_s`,
+//!   `assigned_key_ttl_s` and `history_retention_days`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +19,7 @@ use std::time::Duration;
 use etsi014::server::SaeIdentityMap;
 use etsi014::tls::TlsPem;
 use kmd_keypool::Side;
-use kmd_kme::{Endpoint, KmeObserver, KmeSettings, LinkSettings, PeerSettings, SaePair, SyncSettings};
+use kmd_kme::{Endpoint, KmeObserver, KmeSettings, LinkRetention, LinkSettings, PeerSettings, SaePair};
 
 use crate::config::Config;
 use crate::metrics::{EtsiEndpoint, Metrics, PeerSyncState};
@@ -84,6 +83,11 @@ pub fn settings(config: &Config) -> Result<KmeSettings, SettingsError> {
                 fingerprint: link.peer_certificate_sha256.clone(),
             },
             sae_pairs,
+            retention: LinkRetention {
+                unconfirmed_grace: Duration::from_secs(link.unconfirmed_grace_s),
+                assigned_key_ttl: Duration::from_secs(link.assigned_key_ttl_s),
+                history_retention: Duration::from_secs(u64::from(link.history_retention_days) * 86_400),
+            },
         });
     }
     let mut ids = SaeIdentityMap::subject_cn();
@@ -94,11 +98,6 @@ pub fn settings(config: &Config) -> Result<KmeSettings, SettingsError> {
                 .map_err(|e| SettingsError::Sae { sae: sae.sae_id.clone(), message: e.to_string() })?;
         }
     }
-    let mut sync = SyncSettings::default();
-    if let Some(first) = config.links.first() {
-        sync.unconfirmed_grace = Duration::from_secs(first.unconfirmed_grace_s);
-        sync.history_retention = Duration::from_secs(u64::from(first.history_retention_days) * 86_400);
-    }
     let e = &config.etsi014;
     let mut s = KmeSettings::new(config.site.kme_id.clone(), links);
     s.key_size_default = e.key_size;
@@ -107,7 +106,6 @@ pub fn settings(config: &Config) -> Result<KmeSettings, SettingsError> {
     s.max_keys_per_request = e.max_key_per_request;
     s.max_sae_id_count = e.max_sae_id_count;
     s.sae_identities = ids;
-    s.sync = sync;
     Ok(s)
 }
 

@@ -497,6 +497,41 @@ impl KeyPool {
         self.run(move |inner| async move { inner.prune(link_id, cutoff).await }).await
     }
 
+    /// Discards the keys the peer assigned on `link_id` (origin `peer`, waiting for a local
+    /// slave SAE's `dec_keys`) that were accepted more than `ttl` ago and never fetched: their
+    /// material is erased, so an abandoned key does not stay decryptable forever. Returns how many.
+    pub async fn expire_unfetched(&self, link_id: &str, ttl: Duration) -> Result<u64, PoolError> {
+        let cutoff = now_ms().saturating_sub(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        let mut total = 0;
+        loop {
+            let ids: Vec<String> = {
+                let mut conn = self.inner.db.acquire().await.db(&self.inner.cfg.path)?;
+                sqlx::query_scalar(
+                    "SELECT key_id FROM keys WHERE link_id = ?1 AND origin = 'peer' AND state = 'assigned' \
+                     AND assigned_unix_ms < ?2 ORDER BY id LIMIT 1000",
+                )
+                .bind(link_id)
+                .bind(cutoff)
+                .fetch_all(&mut *conn)
+                .await
+                .db(&self.inner.cfg.path)?
+            };
+            if ids.is_empty() {
+                break;
+            }
+            let batch = ids.len();
+            let done = self.discard_keys(link_id, ids).await?;
+            total += done;
+            if batch < 1000 || done == 0 {
+                break;
+            }
+        }
+        if total > 0 {
+            tracing::warn!(link = %link_id, keys = total, ttl_s = ttl.as_secs(), "assigned keys expired unfetched");
+        }
+        Ok(total)
+    }
+
     /// Keys this site cut that are still `assigned` (not yet marked delivered), oldest first:
     /// after a restart the peer-sync re-sends or discards them.
     pub async fn pending_local_keys(&self, link_id: &str, limit: u32) -> Result<Vec<PeerKey>, PoolError> {

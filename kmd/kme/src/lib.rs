@@ -144,6 +144,31 @@ pub struct LinkSettings {
     pub peer: PeerSettings,
     /// SAE pairs allowed on this link.
     pub sae_pairs: Vec<SaePair>,
+    /// How long this link keeps keys and history.
+    pub retention: LinkRetention,
+}
+
+/// How long a link keeps what it holds (from the link's `[[link]]` section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkRetention {
+    /// Unconfirmed blocks older than this are discarded (`unconfirmed_grace_s`, 600 s).
+    pub unconfirmed_grace: Duration,
+    /// Keys the peer assigned that no local SAE fetched within this are erased
+    /// (`assigned_key_ttl_s`, 1 day).
+    pub assigned_key_ttl: Duration,
+    /// Spent history older than this is pruned (`history_retention_days`, 30 days); must exceed
+    /// any device's block redelivery window.
+    pub history_retention: Duration,
+}
+
+impl Default for LinkRetention {
+    fn default() -> Self {
+        Self {
+            unconfirmed_grace: Duration::from_secs(600),
+            assigned_key_ttl: Duration::from_secs(86_400),
+            history_retention: Duration::from_secs(30 * 86_400),
+        }
+    }
 }
 
 /// Timers of the background tasks ([`Kme::spawn_sync`]).
@@ -153,8 +178,6 @@ pub struct SyncSettings {
     pub block_check_interval: Duration,
     /// Unconfirmed blocks waiting that trigger an exchange at once (doc § 4: 256).
     pub block_check_trigger: u64,
-    /// Unconfirmed blocks older than this are discarded (`[link] unconfirmed_grace_s`, 600 s).
-    pub unconfirmed_grace: Duration,
     /// Peer status poll period (doc § 8: 5 s).
     pub status_interval: Duration,
     /// Failed polls in a row that mark the peer down (doc § 8: 3).
@@ -163,10 +186,7 @@ pub struct SyncSettings {
     pub discard_retry_min: Duration,
     /// Longest retry delay of a failed discard.
     pub discard_retry_max: Duration,
-    /// Spent history older than this is pruned (`[link] history_retention_days`, 30 days);
-    /// must exceed any device's block redelivery window.
-    pub history_retention: Duration,
-    /// How often history is pruned (1 h).
+    /// How often history is pruned and unfetched keys expire (1 h).
     pub prune_interval: Duration,
 }
 
@@ -175,12 +195,10 @@ impl Default for SyncSettings {
         Self {
             block_check_interval: Duration::from_secs(1),
             block_check_trigger: 256,
-            unconfirmed_grace: Duration::from_secs(600),
             status_interval: Duration::from_secs(5),
             down_after_failures: 3,
             discard_retry_min: Duration::from_millis(200),
             discard_retry_max: Duration::from_secs(30),
-            history_retention: Duration::from_secs(30 * 86_400),
             prune_interval: Duration::from_secs(3600),
         }
     }
@@ -314,6 +332,7 @@ pub(crate) struct Link {
     pub(crate) inserted_since_check: AtomicU64,
     pub(crate) check_wakeup: Notify,
     pub(crate) telemetry: std::sync::Mutex<Option<LinkTelemetry>>,
+    pub(crate) retention: LinkRetention,
 }
 
 impl Link {
@@ -477,6 +496,7 @@ impl Kme {
                 inserted_since_check: AtomicU64::new(0),
                 check_wakeup: Notify::new(),
                 telemetry: std::sync::Mutex::new(None),
+                retention: l.retention,
             });
         }
         Ok(Kme {

@@ -142,7 +142,7 @@ async fn link_tasks(inner: Arc<Inner>, index: usize, mut stop: watch::Receiver<b
             if let Err(e) = exchange_block_checks(&inner, link).await {
                 tracing::debug!(link = %link.id, error = %e, "block-check exchange failed");
             }
-            match inner.pool.discard_stale(&link.id, sync.unconfirmed_grace).await {
+            match inner.pool.discard_stale(&link.id, link.retention.unconfirmed_grace).await {
                 Ok(0) => {}
                 Ok(n) => {
                     tracing::warn!(link = %link.id, blocks = n, "discarded blocks the peer never confirmed")
@@ -176,7 +176,10 @@ async fn link_tasks(inner: Arc<Inner>, index: usize, mut stop: watch::Receiver<b
     let prune = async {
         loop {
             tokio::time::sleep(sync.prune_interval).await;
-            match inner.pool.prune_history(&link.id, sync.history_retention).await {
+            if let Err(e) = inner.pool.expire_unfetched(&link.id, link.retention.assigned_key_ttl).await {
+                tracing::error!(link = %link.id, error = %e, "cannot expire unfetched keys");
+            }
+            match inner.pool.prune_history(&link.id, link.retention.history_retention).await {
                 Ok((0, 0)) => {}
                 Ok((keys, blocks)) => tracing::info!(link = %link.id, keys, blocks, "pruned spent history"),
                 Err(e) => tracing::error!(link = %link.id, error = %e, "cannot prune history"),
@@ -202,7 +205,8 @@ impl Kme {
     /// blocks arrived) followed by `discard_stale`; queued discards retried with back-off; the
     /// peer's status polled every `status_interval`, `down_after_failures` failures in a row
     /// marking it down (`enc_keys` then answers 503 without trying) and one success up; spent
-    /// history older than `history_retention` pruned every `prune_interval`.
+    /// every `prune_interval`, the peer's keys left unfetched longer than the link's
+    /// `assigned_key_ttl` erased and spent history older than its `history_retention` pruned.
     pub fn spawn_sync(&self, shutdown: impl Future<Output = ()> + Send + 'static) -> JoinHandle<()> {
         let inner = self.inner.clone();
         tokio::spawn(async move {

@@ -174,6 +174,41 @@ fn enc_at_a_dec_at_b_once_and_errors() {
 }
 
 #[test]
+fn keys_left_unfetched_expire_at_the_slave() {
+    isolated("keys_left_unfetched_expire_at_the_slave", |env| {
+        runtime().block_on(async {
+            let pki = Pki::new();
+            let (a, b) = two_sites(env, &pki, 8).await;
+            let a_mail = pki.client("A-mail", a.etsi_addr);
+            let b_mail = pki.client("B-mail", b.etsi_addr);
+            let fetched = a_mail.enc_keys("B-mail", 1, None).await.unwrap();
+            let abandoned = a_mail.enc_keys("B-mail", 2, None).await.unwrap();
+            b_mail.dec_key_get("A-mail", &fetched.keys[0].key_id).await.unwrap();
+
+            // Within the TTL nothing expires; past it, only the keys nobody fetched are erased.
+            let pool = b.kme.pool();
+            assert_eq!(pool.expire_unfetched(LINK, Duration::from_secs(3600)).await.unwrap(), 0);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert_eq!(pool.expire_unfetched(LINK, Duration::from_millis(1)).await.unwrap(), 2);
+            for k in &abandoned.keys {
+                let info = pool.key_info(&k.key_id).await.unwrap().unwrap();
+                assert_eq!(info.state, kmd_keypool::KeyState::Discarded, "{info:?}");
+                match b_mail.dec_key_get("A-mail", &k.key_id).await {
+                    Err(Etsi014Error::BadRequest { error, .. }) => {
+                        assert_eq!(error.message, messages::KEYS_NOT_FOUND)
+                    }
+                    other => panic!("expired key: {other:?}"),
+                }
+            }
+            let info = pool.key_info(&fetched.keys[0].key_id).await.unwrap().unwrap();
+            assert_eq!(info.state, kmd_keypool::KeyState::Delivered);
+            a.shutdown().await;
+            b.shutdown().await;
+        })
+    });
+}
+
+#[test]
 fn both_directions_concurrently() {
     isolated("both_directions_concurrently", |env| {
         runtime().block_on(async {

@@ -18,7 +18,9 @@ use etsi014::client::Etsi014Client;
 use etsi014::pki::{Ca, Issued};
 use etsi014::server::{self, ServeOptions, ServerHandle};
 use kmd_keypool::{KeyPool, PoolConfig, Side, Zeroizing};
-use kmd_kme::{Endpoint, Kme, KmeObserver, KmeSettings, LinkSettings, PeerSettings, SaePair, SyncSettings};
+use kmd_kme::{
+    Endpoint, Kme, KmeObserver, KmeSettings, LinkRetention, LinkSettings, PeerSettings, SaePair, SyncSettings,
+};
 use qkd_device::{BlockId, DeviceKeyBlock};
 use qutemail_hsm::{HsmConfig, HsmKeyWrapper, PinSource, TokenSelector};
 use sha2::{Digest, Sha256};
@@ -291,6 +293,7 @@ pub fn settings(pki: &Pki, name: &str, other_peer: SocketAddr) -> KmeSettings {
                 fingerprint: None,
             },
             sae_pairs: vec![SaePair::new(local, remote)],
+            retention: LinkRetention::default(),
         }],
     );
     settings.sync = fast_sync();
