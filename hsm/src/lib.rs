@@ -74,6 +74,9 @@ mod raw;
 mod token;
 mod wrapper;
 
+#[cfg(feature = "testing")]
+pub mod testing;
+
 pub use blob::{BlobMechanism, WrappedKey};
 pub use config::{
     CKM_AES_KEY_WRAP_KWP_V3, CKM_AES_KEY_WRAP_PAD_PRE_V3, CKM_VENDOR_DEFINED_BASE, HsmConfig, MAX_KEY_LEN,

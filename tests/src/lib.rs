@@ -97,3 +97,51 @@ impl Drop for LiveDemo {
         self.interrupt();
     }
 }
+
+/// Builds `package`'s binary `name` (a no-op when it is up to date) and returns its path in the
+/// target directory these tests run from.
+pub fn workspace_bin(package: &str, name: &str) -> PathBuf {
+    let status = cargo()
+        .args(["build", "--quiet", "-p", package, "--bin", name])
+        .status()
+        .expect("running cargo build");
+    assert!(status.success(), "cargo build -p {package} --bin {name} failed");
+    // This test executable lives in <target>/<profile>/deps/.
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("<target>/<profile>");
+    profile_dir.join(name)
+}
+
+/// Every regular file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// The files under `dirs` that contain any of `needles`, with the needle found.
+pub fn files_containing(dirs: &[&Path], needles: &[&[u8]]) -> Vec<(PathBuf, String)> {
+    let mut hits = Vec::new();
+    for dir in dirs {
+        for f in files_under(dir) {
+            let Ok(bytes) = std::fs::read(&f) else { continue };
+            for n in needles {
+                if !n.is_empty() && bytes.windows(n.len()).any(|w| w == *n) {
+                    hits.push((f.clone(), String::from_utf8_lossy(n).into_owned()));
+                }
+            }
+        }
+    }
+    hits
+}

@@ -74,6 +74,16 @@ struct SiteState {
     kmd_pid: u32,
     kmd_config: PathBuf,
     qkd_device: DeviceState,
+    hsm: HsmState,
+}
+
+/// The site's SoftHSM token (kmd's, and the gateway's).
+#[derive(Serialize)]
+struct HsmState {
+    module_path: &'static str,
+    softhsm2_conf: PathBuf,
+    token_label: &'static str,
+    pin_file: PathBuf,
 }
 
 #[derive(Serialize, Clone)]
@@ -316,6 +326,12 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
                 kmd_pid: pids[i],
                 kmd_config: configs[i].clone(),
                 qkd_device: DeviceState { pty: pty(s.end), device_id: device_id(s.end), role: s.role, baud_rate: BAUD_RATE },
+                hsm: HsmState {
+                    module_path: SOFTHSM_MODULE,
+                    softhsm2_conf: dir.join("hsm").join(s.name).join("softhsm2.conf"),
+                    token_label: TOKEN_LABEL,
+                    pin_file: dir.join("hsm").join(s.name).join("pin"),
+                },
             }
         };
         let state = DemoState {
@@ -416,9 +432,9 @@ peer_sae_ids = ["{p0}", "{p1}"]
 device = {{ serial = {{ path = "{pty}", baud_rate = {BAUD_RATE} }} }}
 
 [link.pool]
-max_blocks = 64
-low_water = 16
-high_water = 32
+max_blocks = 2048
+low_water = 256
+high_water = 1024
 
 [peer]
 listen = "127.0.0.1:{peer_port}"

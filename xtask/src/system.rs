@@ -14,6 +14,7 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "promtool, which checks kmd's metrics exposition"),
     ("postgresql", "the mail store's tests and benchmark run on PostgreSQL as well as SQLite"),
     ("openssl", "`openssl speed`, the reference in the envelope benchmark; test certificates"),
+    ("swaks", "a real SMTP client in the SMTP tests"),
 ];
 
 /// Creates (or refreshes, when the requirements changed) the venv with the Python test clients

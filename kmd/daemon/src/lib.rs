@@ -35,4 +35,5 @@ pub mod links;
 pub mod logging;
 pub mod metrics;
 pub mod pool;
+pub mod status;
 pub mod systemd;

@@ -52,6 +52,19 @@ enum Command {
     /// Validate the configuration and the files it names, print a summary; exit 0 if valid,
     /// 1 otherwise. Does not open the HSM or bind listeners.
     CheckConfig(ConfigArg),
+    /// Show what the running kmd is doing: HSM health, each link (device state, peer, QBER, key
+    /// rate, keys available, blocks), each SAE pair's keys, ETSI 014 requests. Reads kmd's
+    /// metrics listener ([metrics] listen in the configuration, or --metrics).
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The metrics listener to ask (host:port), instead of the configuration's.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
+        /// Print the raw samples as JSON instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Issue a client certificate for a local SAE from the site CA; prints its SHA-256
     /// fingerprint and a [[sae]] table for kmd.toml.
     EnrolSae {
@@ -82,6 +95,7 @@ fn main() -> ExitCode {
         None => run(&cli.daemon.config.path(), cli.daemon.log_level.as_deref()),
         Some(Command::Run(args)) => run(&args.config.path(), args.log_level.as_deref()),
         Some(Command::CheckConfig(args)) => check_config(&args.path()),
+        Some(Command::Status { config, metrics, json }) => status(&config.path(), metrics, json),
         Some(Command::EnrolSae { ca_cert, ca_key, sae_id, out, days, force }) => {
             let request = enrol::EnrolRequest { ca_cert, ca_key, sae_id, out, days, force };
             match enrol::enrol_sae(&request) {
@@ -102,6 +116,44 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn status(path: &std::path::Path, metrics: Option<std::net::SocketAddr>, json: bool) -> ExitCode {
+    let addr = match metrics {
+        Some(a) => a,
+        None => match Config::load(path) {
+            Ok(c) if c.metrics.enabled => c.metrics.listen,
+            Ok(_) => {
+                eprintln!("kmd status: [metrics] is disabled in {}; pass --metrics ADDR", path.display());
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    match kmd::status::fetch(addr) {
+        Ok(text) => {
+            let samples = kmd::status::parse(&text);
+            if json {
+                match serde_json::to_string_pretty(&samples) {
+                    Ok(t) => println!("{t}"),
+                    Err(e) => {
+                        eprintln!("kmd status: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", kmd::status::render(&samples));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kmd status: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -174,6 +174,34 @@ fn keys_from_enc_keys_at_a_decrypt_at_b_once() {
     assert_eq!(status["target_KME_ID"], "KME-B", "{body}");
     assert_eq!(status["master_SAE_ID"], "A-mail", "{body}");
 
+    // `kmd status` shows an operator the link, its pool, the SAE pair and the traffic (the pool
+    // gauges refresh every 5 s).
+    let kmd_status = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kmd"))
+            .arg("status")
+            .arg("--config")
+            .arg(&config_a)
+            // The test binds the metrics listener to port 0; kmd reported the port it got.
+            .arg("--metrics")
+            .arg(ready_a.metrics.expect("metrics listener").to_string())
+            .output()
+            .expect("kmd status");
+        assert!(out.status.success(), "kmd status: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut text = kmd_status();
+    while !text.contains("A-mail -> B-mail") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        text = kmd_status();
+    }
+    assert!(text.contains("HSM: healthy"), "{text}");
+    // (The simulator stopped with the test's runtime above, so the device shows disconnected.)
+    assert!(text.contains("qkd-link-1: device disconnected, peer up, QBER "), "{text}");
+    assert!(text.contains("A-mail -> B-mail: 0 assigned (waiting for the slave), 2 delivered"), "{text}");
+    assert!(text.contains("enc_keys: 200 × 1"), "{text}");
+    assert!(text.contains(" confirmed"), "{text}");
+
     // The keys A handed out are nowhere in its store (database, WAL): neither while it runs
     // nor after it stopped.
     let scan = |when: &str| {
