@@ -1,0 +1,202 @@
+//! The gateway's configuration file (`qutemail.toml`); every key is documented in
+//! `docs/gateway-config.md`. Unknown keys are refused with the file, line and key named.
+
+use std::path::{Path, PathBuf};
+
+use qutemail_hsm::HsmConfig;
+use qutemail_vault::ProtectionPolicy;
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// `[site]`.
+    pub site: SiteSection,
+    /// `[kmd]`: absent on a site without QKD links.
+    pub kmd: Option<KmdSection>,
+    /// `[hsm]`: the token that wraps the site keys and every stored message key.
+    pub hsm: HsmConfig,
+    /// `[policy]`.
+    #[serde(default)]
+    pub policy: ProtectionPolicy,
+    /// `[[peer]]`: sites sharing a QKD link with this one.
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<PeerSection>,
+}
+
+/// `[site]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteSection {
+    /// The site's mail domain.
+    pub domain: String,
+    /// The site key file (created on first start; secrets wrapped by the HSM).
+    pub site_keys: PathBuf,
+}
+
+/// `[kmd]`: the gateway as an SAE of the site's kmd.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmdSection {
+    /// kmd's ETSI GS QKD 014 base URL (https).
+    pub etsi014_url: String,
+    /// The gateway's SAE ID (the subject CN of its client certificate).
+    pub sae_id: String,
+    /// CA that issued kmd's server certificate.
+    pub ca_cert: PathBuf,
+    /// The gateway's client certificate (PEM).
+    pub client_cert: PathBuf,
+    /// Its private key (PEM).
+    pub client_key: PathBuf,
+    /// Size of QKD keys for `qaes`/`hybrid`, bits (default 256).
+    #[serde(default = "default_key_bits")]
+    pub key_bits: u32,
+    /// Largest QKD key asked for to build a one-time pad, bits (default 8192; kmd's
+    /// `max_key_size` caps it).
+    #[serde(default = "default_otp_key_bits")]
+    pub otp_key_bits: u32,
+}
+
+fn default_key_bits() -> u32 {
+    256
+}
+
+fn default_otp_key_bits() -> u32 {
+    8192
+}
+
+/// `[[peer]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    /// The peer's mail domain.
+    pub domain: String,
+    /// The peer gateway's SAE ID.
+    pub sae_id: String,
+    /// The peer's KME ID.
+    pub kme_id: String,
+    /// The peer's site card (JSON, from `qutemail site-card` there).
+    pub site_card: PathBuf,
+}
+
+/// The configuration file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read configuration file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syntax or content problem, at a line and column, about a key.
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong (names the key).
+        message: String,
+    },
+}
+
+impl GatewayConfig {
+    /// Reads and parses `path`; relative paths inside are taken relative to the file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses configuration text; `path` names it in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut config: GatewayConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
+            ConfigError::Invalid { path: path.into(), line, column, message: e.message().to_owned() }
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let anchor = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        anchor(&mut config.site.site_keys);
+        if let Some(k) = &mut config.kmd {
+            anchor(&mut k.ca_cert);
+            anchor(&mut k.client_cert);
+            anchor(&mut k.client_key);
+        }
+        for p in &mut config.peers {
+            anchor(&mut p.site_card);
+        }
+        Ok(config)
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[site]
+domain = "a.qutemail.test"
+site_keys = "site-keys.json"
+
+[kmd]
+etsi014_url = "https://127.0.0.1:8441"
+sae_id = "A-mail"
+ca_cert = "/pki/ca.pem"
+client_cert = "sae.pem"
+client_key = "sae.key"
+
+[hsm]
+module_path = "/usr/lib/softhsm/libsofthsm2.so"
+token = { label = "qutemail" }
+pin = { file = "/run/pin" }
+wrapping_key_label = "qutemail-gateway-kek"
+
+[[peer]]
+domain = "b.qutemail.test"
+sae_id = "B-mail"
+kme_id = "KME-B"
+site_card = "peers/b.json"
+"#;
+
+    #[test]
+    fn a_complete_file_parses_with_relative_paths_anchored() {
+        let c = GatewayConfig::parse(GOOD, Path::new("/etc/qutemail/qutemail.toml")).unwrap();
+        assert_eq!(c.site.site_keys, Path::new("/etc/qutemail/site-keys.json"));
+        let kmd = c.kmd.unwrap();
+        assert_eq!(kmd.ca_cert, Path::new("/pki/ca.pem"));
+        assert_eq!(kmd.client_key, Path::new("/etc/qutemail/sae.key"));
+        assert_eq!((kmd.key_bits, kmd.otp_key_bits), (256, 8192));
+        assert_eq!(c.peers[0].site_card, Path::new("/etc/qutemail/peers/b.json"));
+        assert_eq!(c.policy, ProtectionPolicy::default());
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_file_and_line() {
+        let text = GOOD.replace("sae_id = \"A-mail\"", "sae_id = \"A-mail\"\nsae_secret = 1");
+        let e = GatewayConfig::parse(&text, Path::new("/etc/q.toml")).unwrap_err().to_string();
+        assert!(e.starts_with("/etc/q.toml:9:1: "), "{e}");
+        assert!(e.contains("unknown field `sae_secret`"), "{e}");
+        let text = GOOD
+            .replace("[policy]", "")
+            .replace("[[peer]]", "[policy]\nlinked_default = \"quantum\"\n[[peer]]");
+        let e = GatewayConfig::parse(&text, Path::new("/etc/q.toml")).unwrap_err().to_string();
+        assert!(e.contains(":24:") && e.contains("quantum"), "{e}");
+    }
+}
