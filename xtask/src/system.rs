@@ -15,6 +15,8 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("postgresql", "the mail store's tests and benchmark run on PostgreSQL as well as SQLite"),
     ("openssl", "`openssl speed`, the reference in the envelope benchmark; test certificates"),
     ("swaks", "a real SMTP client in the SMTP tests"),
+    ("isync", "mbsync, a real IMAP client (two-way sync) in the IMAP tests"),
+    ("fetchmail", "a real POP3 client in the POP3 tests"),
 ];
 
 /// Creates (or refreshes, when the requirements changed) the venv with the Python test clients

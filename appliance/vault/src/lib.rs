@@ -25,6 +25,7 @@
 
 mod directory;
 mod kmd;
+mod mailroom;
 mod policy;
 mod routing;
 mod site_keys;
@@ -34,6 +35,7 @@ use std::path::{Path, PathBuf};
 
 pub use directory::{PeerSite, SiteDirectory};
 pub use kmd::{KmdKeySource, LinkContext};
+pub use mailroom::{AppendRequest, Presented, presentation_headers};
 pub use policy::{PolicyRefusal, Protection, ProtectionPolicy};
 pub use routing::routing_headers;
 pub use site_keys::{SiteCard, SiteKeys};
@@ -140,6 +142,9 @@ pub enum VaultError {
         #[source]
         source: std::io::Error,
     },
+    /// The mail store failed.
+    #[error(transparent)]
+    Store(qutemail_store::StoreError),
     /// A worker task failed.
     #[error("internal error: {0}")]
     Internal(String),

@@ -118,3 +118,91 @@ fn at_rest_mail_round_trips_and_damage_is_not_verifiable() {
         })
     });
 }
+
+#[test]
+fn stored_mail_is_presented_with_its_protection_and_damage_is_explained() {
+    isolated("stored_mail_is_presented_with_its_protection_and_damage_is_explained", &[TOKEN], |env| {
+        runtime().block_on(async {
+            use qutemail_store::testing::TestStore;
+            use qutemail_store::{Backend, NewAccount, Selection};
+            use qutemail_vault::{AppendRequest, presentation_headers};
+
+            let hsm = hsm(env).await;
+            let keys = SiteKeys::load_or_create(&env.dir.join("keys.json"), "a.example", &hsm).await.unwrap();
+            let vault =
+                MailVault::new(VaultSettings::new("A-mail"), None, hsm, keys, SiteDirectory::default());
+            let t = TestStore::new(Backend::Sqlite).await;
+            let account = t
+                .store
+                .create_account(NewAccount {
+                    address: "alice@a.example",
+                    display_name: "Alice",
+                    password: "correct horse",
+                    quota_bytes: None,
+                })
+                .await
+                .unwrap();
+            let inbox = t.store.mailbox(account.id, "INBOX").await.unwrap();
+
+            let canary = "CANARY-MAILROOM-51c2";
+            let plain =
+                format!("From: bob@a.example\r\nSubject: {canary}\r\n\r\nhello {canary}\r\n").into_bytes();
+            let appended = vault
+                .append_plain(
+                    &t.store,
+                    inbox.id,
+                    Protection::Normal,
+                    &AppendRequest::default(),
+                    zeroize::Zeroizing::new(plain.clone()),
+                )
+                .await
+                .unwrap();
+            let meta = t.store.message(inbox.id, appended.uid).await.unwrap().unwrap();
+            let shown = vault.present(&t.store, &meta).await.unwrap();
+            assert!(shown.verified);
+            let text = String::from_utf8_lossy(&shown.message).into_owned();
+            assert!(text.starts_with("X-QKD-Secure: False\r\nX-QKD-Protection: normal\r\n"), "{text}");
+            assert!(shown.message.ends_with(&plain), "the exact bytes follow the gateway's headers");
+            // The size the store reports (RFC822.SIZE, POP3 LIST) is the size the client gets.
+            assert_eq!(meta.size, shown.message.len() as u64);
+            let stored = qutemail_vault::StoredProtection::from_store(&meta.protection).unwrap();
+            assert_eq!(stored.kind, StoredKind::AtRest);
+            assert!(presentation_headers(&stored).contains("X-QKD-Certificate: none"));
+
+            // Nothing the store wrote holds the canary.
+            for f in walk(t.dir.path()) {
+                let bytes = std::fs::read(&f).unwrap();
+                assert!(!bytes.windows(canary.len()).any(|w| w == canary.as_bytes()), "{}", f.display());
+            }
+
+            // The blob damaged on disk: the client gets an explanation and the sealed original.
+            let blob = walk(&t.dir.path().join("blobs"))
+                .into_iter()
+                .find(|p| p.file_name().and_then(|n| n.to_str()) == Some(meta.blob_id.as_str()))
+                .expect("the message's blob file");
+            let mut bytes = std::fs::read(&blob).unwrap();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0x20;
+            std::fs::write(&blob, &bytes).unwrap();
+            let all = t.store.fetch(inbox.id, &Selection::All).await.unwrap();
+            let shown = vault.present(&t.store, &all[0]).await.unwrap();
+            assert!(!shown.verified);
+            let text = String::from_utf8_lossy(&shown.message).into_owned();
+            assert!(text.contains("Subject: [not verifiable]"), "{text}");
+            assert!(text.contains("filename=\"sealed-message.eml\""), "{text}");
+        })
+    });
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
