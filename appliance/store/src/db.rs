@@ -10,15 +10,22 @@ use crate::error::StoreError;
 use crate::types::Backend;
 
 /// Newest schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// (version, SQLite script, PostgreSQL script); applied in order, all pending ones in one
 /// transaction, so a database moves forward only and never stops half way.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    include_str!("../migrations/sqlite/0001_initial.sql"),
-    include_str!("../migrations/postgres/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        include_str!("../migrations/sqlite/0001_initial.sql"),
+        include_str!("../migrations/postgres/0001_initial.sql"),
+    ),
+    (
+        2,
+        include_str!("../migrations/sqlite/0002_queue.sql"),
+        include_str!("../migrations/postgres/0002_queue.sql"),
+    ),
+];
 
 /// Key of the PostgreSQL advisory lock that serialises migrations of several nodes ("QMST").
 const MIGRATION_LOCK: i64 = 0x514D_5354;

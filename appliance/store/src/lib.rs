@@ -77,7 +77,10 @@ pub use blob::{BlobFuture, BlobId, BlobReader, BlobStore, FsBlobStore, StoredBlo
 pub use db::{SCHEMA_VERSION, sqlite_url};
 pub use error::{AuthError, BlobError, StoreError};
 pub use password::PasswordParams;
-pub use store::{DEFAULT_MAILBOXES, Store, StoreConfig, normalize_address, normalize_mailbox_name};
+pub use store::{
+    DEFAULT_MAILBOXES, NewQueueRecipient, NewQueuedMessage, QueueListing, QueueOutcome, QueuedDelivery,
+    QueuedMessage, QueuedRecipient, Store, StoreConfig, normalize_address, normalize_mailbox_name,
+};
 pub use types::{
     Account, AccountId, Appended, Backend, Changes, Copied, ExpungeScope, FlagChange, FlagOp, FlagState,
     Flags, FlagsUpdated, Mailbox, MailboxId, MailboxStatus, MessageMeta, NewAccount, NewMessage, NumberSet,

@@ -16,6 +16,12 @@ use crate::error::{AuthError, StoreError};
 use crate::password::{self, PasswordParams};
 use crate::types::*;
 
+mod queue;
+
+pub use queue::{
+    NewQueueRecipient, NewQueuedMessage, QueueListing, QueueOutcome, QueuedDelivery, QueuedMessage,
+    QueuedRecipient,
+};
 /// Settings of a [`Store`].
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -449,7 +455,12 @@ impl Store {
         let mut orphans = Vec::new();
         for chunk in candidates.chunks(200) {
             let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-            let sql = format!("SELECT blob_id FROM messages WHERE blob_id IN ({})", placeholders.join(", "));
+            let list = placeholders.join(", ");
+            // Queued messages hold blobs too.
+            let sql = format!(
+                "SELECT blob_id FROM messages WHERE blob_id IN ({list}) \
+                 UNION SELECT blob_id FROM queue_messages WHERE blob_id IN ({list})"
+            );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for id in chunk {
                 q = q.bind(id.as_str().to_owned());

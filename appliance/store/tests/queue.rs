@@ -1,0 +1,151 @@
+//! The outbound queue's durable part, on SQLite and on PostgreSQL: queued messages survive a
+//! reopen, due recipients are claimed once (a lease keeps a second runner off them), outcomes
+//! are recorded, and a message leaves the queue (with its blob) when every recipient is done.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use qutemail_store::testing::TestStore;
+use qutemail_store::*;
+
+on_both_backends!(queued_messages_are_claimed_once_and_leave_when_done, queue_blobs_are_not_swept_as_orphans);
+
+fn protection() -> Protection {
+    Protection { kind: "at-rest.normal".into(), wrapped_key: vec![7; 40], key_ids: vec![], certificate: None }
+}
+
+fn message(recipients: &[&str]) -> NewQueuedMessage {
+    NewQueuedMessage {
+        sender: "alice@a.example".into(),
+        envid: Some("env-1".into()),
+        ret_full: false,
+        requested: None,
+        size: 1234,
+        protection: protection(),
+        recipients: recipients
+            .iter()
+            .map(|a| NewQueueRecipient { address: (*a).into(), notify: String::new(), orcpt: None })
+            .collect(),
+    }
+}
+
+async fn queued_messages_are_claimed_once_and_leave_when_done(t: TestStore) {
+    let s = &t.store;
+    let sealed = b"sealed bytes of the queued message".to_vec();
+    let id = s
+        .enqueue(&message(&["bob@b.example", "carol@b.example", "dave@c.example"]), &mut sealed.as_slice())
+        .await
+        .unwrap();
+    assert_eq!(id.len(), 32);
+    // Nothing without recipients or with a recipient lacking a domain.
+    assert!(s.enqueue(&message(&[]), &mut &b"x"[..]).await.is_err());
+    assert!(s.enqueue(&message(&["nodomain"]), &mut &b"x"[..]).await.is_err());
+
+    // After a restart the message is still there, due now, grouped by domain.
+    let s = t.reopen().await;
+    let now = SystemTime::now();
+    let mut claimed = s.claim_due(now, Duration::from_secs(60), 100).await.unwrap();
+    claimed.sort_by(|a, b| a.domain.cmp(&b.domain));
+    assert_eq!(claimed.len(), 2, "{claimed:?}");
+    assert_eq!(claimed[0].domain, "b.example");
+    assert_eq!(claimed[0].recipients.len(), 2);
+    assert_eq!(claimed[1].domain, "c.example");
+    assert_eq!(claimed[0].message.queue_id, id);
+    assert_eq!(claimed[0].message.envid.as_deref(), Some("env-1"));
+    assert_eq!(claimed[0].message.protection, protection());
+    let mut blob = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(
+        &mut s.read_queued_blob(&claimed[0].message).await.unwrap(),
+        &mut blob,
+    )
+    .await
+    .unwrap();
+    assert_eq!(blob, sealed);
+    // Claimed rows are leased: a second runner gets nothing until the lease ends.
+    assert!(s.claim_due(now, Duration::from_secs(60), 100).await.unwrap().is_empty());
+    assert_eq!(
+        s.claim_due(now + Duration::from_secs(61), Duration::from_secs(60), 100).await.unwrap().len(),
+        2
+    );
+
+    // Outcomes: bob delivered, carol retried later, dave failed.
+    let later = now + Duration::from_secs(300);
+    let (bob, carol, dave) =
+        (claimed[0].recipients[0].id, claimed[0].recipients[1].id, claimed[1].recipients[0].id);
+    s.record_queue_outcomes(&[
+        (bob, QueueOutcome::Delivered { remote: "mx.b.example".into(), reply: "250 2.0.0 ok".into() }),
+        (
+            carol,
+            QueueOutcome::Retry {
+                at: later,
+                status: "4.2.2".into(),
+                reply: "452 4.2.2 mailbox full".into(),
+                remote: Some("mx.b.example".into()),
+                warned: false,
+            },
+        ),
+        (
+            dave,
+            QueueOutcome::Failed {
+                status: "5.1.1".into(),
+                reply: "550 5.1.1 no such user".into(),
+                remote: None,
+            },
+        ),
+    ])
+    .await
+    .unwrap();
+    let listing = s.queue_listing().await.unwrap();
+    assert_eq!(listing.len(), 1);
+    let states: Vec<(&str, &str, u32)> =
+        listing[0].recipients.iter().map(|r| (r.0.as_str(), r.1.as_str(), r.2)).collect();
+    assert_eq!(
+        states,
+        [
+            ("bob@b.example", "delivered", 1),
+            ("carol@b.example", "queued", 1),
+            ("dave@c.example", "failed", 1)
+        ]
+    );
+    assert!(
+        s.claim_due(later - Duration::from_secs(1), Duration::from_secs(60), 100).await.unwrap().is_empty()
+    );
+    let again = s.claim_due(later, Duration::from_secs(60), 100).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].recipients[0].address, "carol@b.example");
+    assert_eq!(again[0].recipients[0].attempts, 1);
+
+    // The last recipient done: the message and its blob leave the queue.
+    let blob_files = || common::files_under(&t.config.blob_dir);
+    let before = blob_files().len();
+    s.record_queue_outcomes(&[(
+        again[0].recipients[0].id,
+        QueueOutcome::Delivered { remote: "mx.b.example".into(), reply: "250 ok".into() },
+    )])
+    .await
+    .unwrap();
+    assert!(s.queue_listing().await.unwrap().is_empty());
+    assert_eq!(blob_files().len(), before - 1);
+}
+
+async fn queue_blobs_are_not_swept_as_orphans(t: TestStore) {
+    let s = &t.store;
+    s.enqueue(&message(&["bob@b.example"]), &mut &b"queued"[..]).await.unwrap();
+    // A store whose orphan grace is zero sweeps at open: the queued blob must survive.
+    let config = StoreConfig { orphan_grace: Duration::ZERO, ..t.config.clone() };
+    let s2 = Store::open(config).await.unwrap();
+    let claimed = s2.claim_due(SystemTime::now(), Duration::from_secs(60), 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert!(s2.read_queued_blob(&claimed[0].message).await.is_ok());
+    let mut bytes = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(
+        &mut s2.read_queued_blob(&claimed[0].message).await.unwrap(),
+        &mut bytes,
+    )
+    .await
+    .unwrap();
+    assert_eq!(bytes, b"queued");
+}
