@@ -67,8 +67,19 @@ fn check_site_keys(state: &serde_json::Value) {
             assert!(Path::new(sae["key"].as_str().unwrap()).is_file(), "{sae}");
         }
     }
+    for (site, user) in [("A", "alice@a.qutemail.test"), ("B", "bob@b.qutemail.test")] {
+        let g = &state["sites"][site]["gateway"];
+        assert!(g["pid"].as_u64().unwrap() > 0, "{g}");
+        for f in ["config", "site_card", "tls_ca"] {
+            assert!(Path::new(g[f].as_str().unwrap()).is_file(), "{f}: {g}");
+        }
+        assert!(g["smtp_mx"].as_str().unwrap().starts_with("127.0.0.1:"), "{g}");
+        assert!(g["smtp_submission"].as_str().unwrap().starts_with("127.0.0.1:"), "{g}");
+        assert_eq!(state["sites"][site]["users"][0]["address"], user);
+        assert!(!state["sites"][site]["users"][0]["password"].as_str().unwrap().is_empty());
+    }
     let dir = Path::new(state["state_dir"].as_str().unwrap());
-    for p in ["pki", "hsm/A", "hsm/B", "kmd-A.toml", "kmd-B.toml", "store/A", "store/B", "logs"] {
+    for p in ["pki", "hsm/A", "hsm/B", "kmd-A.toml", "kmd-B.toml", "store/A", "store/B", "mail/A", "mail/B", "logs"] {
         assert!(dir.join(p).exists(), "{p} missing in {}", dir.display());
     }
 }
@@ -77,6 +88,7 @@ fn assert_stopped(state: &serde_json::Value) {
     let mut pids = vec![state["link"]["simulator_pid"].as_u64().unwrap()];
     for site in ["A", "B"] {
         pids.push(state["sites"][site]["kmd_pid"].as_u64().unwrap());
+        pids.push(state["sites"][site]["gateway"]["pid"].as_u64().unwrap());
     }
     for pid in pids {
         assert!(

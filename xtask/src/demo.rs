@@ -75,6 +75,26 @@ struct SiteState {
     kmd_config: PathBuf,
     qkd_device: DeviceState,
     hsm: HsmState,
+    gateway: GatewayState,
+    users: Vec<UserState>,
+}
+
+/// The site's mail gateway (`qutemail serve`).
+#[derive(Serialize)]
+struct GatewayState {
+    config: PathBuf,
+    pid: u32,
+    site_card: PathBuf,
+    tls_ca: PathBuf,
+    smtp_mx: String,
+    smtp_submission: String,
+}
+
+/// A demo mail account.
+#[derive(Serialize)]
+struct UserState {
+    address: &'static str,
+    password: &'static str,
 }
 
 /// The site's SoftHSM token (kmd's, and the gateway's).
@@ -113,6 +133,9 @@ struct SiteSpec {
     etsi_port: u16,
     metrics_port: u16,
     peer_port: u16,
+    mx_port: u16,
+    submission_port: u16,
+    user: (&'static str, &'static str),
 }
 
 const SITES: [SiteSpec; 2] = [
@@ -127,6 +150,9 @@ const SITES: [SiteSpec; 2] = [
         etsi_port: 8441,
         metrics_port: 9461,
         peer_port: 8451,
+        mx_port: 2525,
+        submission_port: 5870,
+        user: ("alice@a.qutemail.test", "alice-demo-password"),
     },
     SiteSpec {
         name: "B",
@@ -139,13 +165,16 @@ const SITES: [SiteSpec; 2] = [
         etsi_port: 8442,
         metrics_port: 9462,
         peer_port: 8452,
+        mx_port: 2526,
+        submission_port: 5871,
+        user: ("bob@b.qutemail.test", "bob-demo-password"),
     },
 ];
 
 pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Result<()> {
     let profile = if release { "release" } else { "debug" };
     let mut build = system::cargo();
-    build.args(["build", "--quiet", "-p", "qkd-sim", "-p", "kmd"]);
+    build.args(["build", "--quiet", "-p", "qkd-sim", "-p", "kmd", "-p", "qutemail-gateway"]);
     if release {
         build.arg("--release");
     }
@@ -164,7 +193,7 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
         }
     }
     for s in &SITES {
-        for port in [s.etsi_port, s.metrics_port, s.peer_port] {
+        for port in [s.etsi_port, s.metrics_port, s.peer_port, s.mx_port, s.submission_port] {
             if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
                 bail!("site {}: port 127.0.0.1:{port} is busy (is another demo running?)", s.name);
             }
@@ -190,6 +219,7 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
     for s in &SITES {
         ca.server(&["localhost", "127.0.0.1"])?.write(&pki, &format!("kmd-{}", s.name))?;
         ca.client(s.kme_id)?.write(&pki, &format!("peer-{}", s.name))?;
+        ca.server(&["localhost", "127.0.0.1", s.domain])?.write(&pki, &format!("mail-{}", s.name))?;
         let mut list = Vec::new();
         for sae in s.saes {
             ca.client(sae)?.write(&pki, sae)?;
@@ -313,6 +343,7 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+        let gateway_pids = start_gateways(&dir, &bin, &mut children)?;
         let site_state = |i: usize| {
             let s = &SITES[i];
             SiteState {
@@ -332,6 +363,15 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
                     token_label: TOKEN_LABEL,
                     pin_file: dir.join("hsm").join(s.name).join("pin"),
                 },
+                gateway: GatewayState {
+                    config: dir.join(format!("qutemail-{}.toml", s.name)),
+                    pid: gateway_pids[i],
+                    site_card: dir.join("cards").join(format!("{}.json", s.domain)),
+                    tls_ca: ca_cert.clone(),
+                    smtp_mx: format!("127.0.0.1:{}", s.mx_port),
+                    smtp_submission: format!("127.0.0.1:{}", s.submission_port),
+                },
+                users: vec![UserState { address: s.user.0, password: s.user.1 }],
             }
         };
         let state = DemoState {
@@ -351,6 +391,8 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
         for spec in &SITES {
             let s = &state.sites[spec.name];
             println!("  site {}: kmd {} (pid {}) ETSI 014 at {}, metrics {}", s.name, s.kme_id, s.kmd_pid, s.etsi014_url, s.metrics_url);
+            println!("  site {}: mail gateway (pid {}) SMTP MX {}, submission {} (STARTTLS); user {} / {}",
+                s.name, s.gateway.pid, s.gateway.smtp_mx, s.gateway.smtp_submission, s.users[0].address, s.users[0].password);
         }
         println!("  Faults: {} ctl --socket {} fibre-cut on|off | eavesdrop 0.2 | noise both --flip-rate 0.001 | reboot alice",
             bin.join("qkd-sim").display(), control_socket.display());
@@ -382,6 +424,163 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
     drop(rt);
     drop(children);
     result
+}
+
+/// The gateway configuration of site `s` (docs/gateway-config.md); `peer_card` once known.
+fn gateway_config(dir: &Path, s: &SiteSpec, peer_card: Option<&Path>) -> String {
+    let pki = dir.join("pki");
+    let hsm = dir.join("hsm").join(s.name);
+    let mail = dir.join("mail").join(s.name);
+    let mut text = format!(
+        r#"[site]
+domain = "{domain}"
+site_keys = "{mail}/site-keys.json"
+
+[kmd]
+etsi014_url = "https://127.0.0.1:{etsi}"
+sae_id = "{sae}"
+ca_cert = "{pki}/ca.pem"
+client_cert = "{pki}/{sae}.pem"
+client_key = "{pki}/{sae}.key"
+
+[hsm]
+module_path = "{SOFTHSM_MODULE}"
+token = {{ label = "{TOKEN_LABEL}" }}
+pin = {{ file = "{pin}" }}
+wrapping_key_label = "qutemail-demo-gateway-kek"
+
+[store]
+sqlite = "{mail}/mail.sqlite"
+blob_dir = "{mail}/blobs"
+
+[tls]
+cert = "{pki}/mail-{name}.pem"
+key = "{pki}/mail-{name}.key"
+
+[smtp]
+hostname = "{domain}"
+mx_listen = "127.0.0.1:{mx}"
+submission_listen = "127.0.0.1:{sub}"
+
+[queue.retry]
+delays_s = [5, 15, 60, 300]
+"#,
+        domain = s.domain,
+        mail = mail.display(),
+        etsi = s.etsi_port,
+        sae = s.saes[0],
+        pki = pki.display(),
+        pin = hsm.join("pin").display(),
+        name = s.name,
+        mx = s.mx_port,
+        sub = s.submission_port,
+    );
+    if let Some(card) = peer_card {
+        let peer = &SITES[s.peer];
+        text.push_str(&format!(
+            r#"
+[[peer]]
+domain = "{}"
+sae_id = "{}"
+kme_id = "{}"
+site_card = "{}"
+smtp = "127.0.0.1:{}"
+ca_cert = "{}/ca.pem"
+"#,
+            peer.domain,
+            peer.saes[0],
+            peer.kme_id,
+            card.display(),
+            peer.mx_port,
+            pki.display()
+        ));
+    }
+    text
+}
+
+/// Creates each site's gateway (site keys, the peer's card, the demo user) and starts
+/// `qutemail serve`; returns their PIDs once both listen.
+fn start_gateways(dir: &Path, bin: &Path, children: &mut Children) -> anyhow::Result<Vec<u32>> {
+    let qutemail = bin.join("qutemail");
+    let cards = dir.join("cards");
+    std::fs::create_dir_all(&cards)?;
+    let run = |s: &SiteSpec, args: &[&str], stdin: Option<&str>| -> anyhow::Result<()> {
+        let mut cmd = Command::new(&qutemail);
+        // `--config` belongs to the first word (`account --config F add …`).
+        cmd.arg(args[0])
+            .arg("--config")
+            .arg(dir.join(format!("qutemail-{}.toml", s.name)))
+            .args(&args[1..])
+            .env("SOFTHSM2_CONF", dir.join("hsm").join(s.name).join("softhsm2.conf"))
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().with_context(|| format!("running qutemail {}", args[0]))?;
+        if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
+            std::io::Write::write_all(&mut input, text.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "qutemail {} (site {}) failed: {}",
+                args.join(" "),
+                s.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    for s in &SITES {
+        std::fs::create_dir_all(dir.join("mail").join(s.name))?;
+        std::fs::write(dir.join(format!("qutemail-{}.toml", s.name)), gateway_config(dir, s, None))?;
+        let card = cards.join(format!("{}.json", s.domain));
+        run(s, &["site-card", "--out", &card.display().to_string()], None)?;
+    }
+    let mut pids = Vec::new();
+    for s in &SITES {
+        let peer_card = cards.join(format!("{}.json", SITES[s.peer].domain));
+        std::fs::write(
+            dir.join(format!("qutemail-{}.toml", s.name)),
+            gateway_config(dir, s, Some(&peer_card)),
+        )?;
+        let listed = Command::new(&qutemail)
+            .args(["account", "list", "--config"])
+            .arg(dir.join(format!("qutemail-{}.toml", s.name)))
+            .env("SOFTHSM2_CONF", dir.join("hsm").join(s.name).join("softhsm2.conf"))
+            .output()?;
+        if !String::from_utf8_lossy(&listed.stdout).contains(s.user.0) {
+            run(s, &["account", "add", s.user.0], Some(&format!("{}\n", s.user.1)))?;
+        }
+        let log = std::fs::File::create(dir.join(format!("logs/qutemail-{}.log", s.name)))?;
+        let child = Command::new(&qutemail)
+            .args(["serve", "--config"])
+            .arg(dir.join(format!("qutemail-{}.toml", s.name)))
+            .env("SOFTHSM2_CONF", dir.join("hsm").join(s.name).join("softhsm2.conf"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting the gateway of site {}", s.name))?;
+        pids.push(child.id());
+        children.0.push((format!("gateway {}", s.name), child));
+    }
+    let started = Instant::now();
+    for s in &SITES {
+        for port in [s.mx_port, s.submission_port] {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if started.elapsed() > Duration::from_secs(60) {
+                    bail!(
+                        "the gateway of site {} does not listen on {port}; see {}/logs/qutemail-{}.log",
+                        s.name,
+                        dir.display(),
+                        s.name
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    Ok(pids)
 }
 
 /// kmd's configuration for site `s` (see docs/kmd-config.md); every path is absolute.

@@ -23,6 +23,77 @@ pub struct GatewayConfig {
     /// `[[peer]]`: sites sharing a QKD link with this one.
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerSection>,
+    /// `[store]`: where mail is kept (required by `serve` and the account commands).
+    pub store: Option<StoreSection>,
+    /// `[tls]`: the gateway's server certificate (SMTP, IMAP, POP3).
+    pub tls: Option<TlsSection>,
+    /// `[smtp]`: listeners.
+    pub smtp: Option<SmtpSection>,
+    /// `[queue]`: outbound delivery.
+    #[serde(default)]
+    pub queue: QueueSection,
+}
+
+/// `[store]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// `sqlite:///path/mail.sqlite` or `postgres://user@host/db` (secrets in the URL are not
+    /// allowed: use `database_url_file`).
+    pub database_url: Option<String>,
+    /// A file holding the URL (for PostgreSQL with a password).
+    pub database_url_file: Option<PathBuf>,
+    /// The SQLite file (instead of a URL).
+    pub sqlite: Option<PathBuf>,
+    /// The folder for sealed blobs.
+    pub blob_dir: PathBuf,
+}
+
+/// `[tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
+
+/// `[smtp]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpSection {
+    /// Host name in greetings, EHLO and Received headers.
+    pub hostname: String,
+    /// MX listener (mail from other sites and the Internet), e.g. `0.0.0.0:25`.
+    pub mx_listen: Option<std::net::SocketAddr>,
+    /// Submission listener with STARTTLS (587).
+    pub submission_listen: Option<std::net::SocketAddr>,
+    /// Submission listener with implicit TLS (465).
+    pub submissions_listen: Option<std::net::SocketAddr>,
+    /// Largest message accepted, bytes (default 25 MiB).
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: u64,
+}
+
+fn default_max_message() -> u64 {
+    25 * 1024 * 1024
+}
+
+/// `[queue]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSection {
+    /// Relay for domains that are not peer sites, `host:port` (none: such mail bounces).
+    pub smarthost: Option<String>,
+    /// The relay's certificate name (default: the host part of `smarthost`).
+    pub smarthost_tls_name: Option<String>,
+    /// CA that verifies the relay (default: STARTTLS with no verification is NOT done; without
+    /// a CA the relay is used without TLS).
+    pub smarthost_ca: Option<PathBuf>,
+    /// Retry schedule.
+    #[serde(default)]
+    pub retry: qutemail_queue::RetryPolicy,
 }
 
 /// `[site]`.
@@ -78,6 +149,13 @@ pub struct PeerSection {
     pub kme_id: String,
     /// The peer's site card (JSON, from `qutemail site-card` there).
     pub site_card: PathBuf,
+    /// The peer gateway's MX listener, `host:port`.
+    pub smtp: Option<String>,
+    /// The name on the peer gateway's certificate (default: the peer's domain).
+    pub smtp_tls_name: Option<String>,
+    /// CA that verifies the peer gateway's certificate (required with `smtp`: STARTTLS is
+    /// mandatory between sites).
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// The configuration file could not be used.
@@ -134,6 +212,25 @@ impl GatewayConfig {
         }
         for p in &mut config.peers {
             anchor(&mut p.site_card);
+            if let Some(c) = &mut p.ca_cert {
+                anchor(c);
+            }
+        }
+        if let Some(st) = &mut config.store {
+            anchor(&mut st.blob_dir);
+            if let Some(f) = &mut st.sqlite {
+                anchor(f);
+            }
+            if let Some(f) = &mut st.database_url_file {
+                anchor(f);
+            }
+        }
+        if let Some(t) = &mut config.tls {
+            anchor(&mut t.cert);
+            anchor(&mut t.key);
+        }
+        if let Some(c) = &mut config.queue.smarthost_ca {
+            anchor(c);
         }
         Ok(config)
     }

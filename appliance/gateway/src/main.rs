@@ -1,8 +1,11 @@
 //! `qutemail`: the QuteMail mail gateway's command line. Parses arguments and the
 //! configuration, then hands over to the commands in `commands.rs`.
 
+mod accounts;
 mod commands;
 mod config;
+mod serve;
+mod smtp_host;
 mod wiring;
 
 use std::path::PathBuf;
@@ -21,6 +24,29 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Runs the gateway's services ([smtp] listeners and the outbound queue) until SIGTERM or
+    /// SIGINT. Prints `READY name=address …` once every listener is bound.
+    Serve {
+        /// The gateway configuration file.
+        #[arg(long, short, default_value = "/etc/qutemail/qutemail.toml")]
+        config: PathBuf,
+    },
+    /// Mail accounts of this site.
+    Account {
+        /// The gateway configuration file.
+        #[arg(long, short, default_value = "/etc/qutemail/qutemail.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: AccountCommand,
+    },
+    /// The outbound queue.
+    Queue {
+        /// The gateway configuration file.
+        #[arg(long, short, default_value = "/etc/qutemail/qutemail.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
     /// Prints this site's public card (its domain, ML-KEM-768 and certificate keys) as JSON, to
     /// give to peer sites; creates the site keys, wrapped by the HSM, on first use.
     SiteCard {
@@ -87,6 +113,42 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+enum AccountCommand {
+    /// Creates an account with its INBOX, Sent, Drafts, Trash and Junk; the password is read
+    /// from the first line of standard input (never the command line).
+    Add {
+        /// The address, in this site's domain.
+        address: String,
+        /// Display name (default: the local part).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Sets a new password, read from the first line of standard input.
+    Passwd {
+        /// The address.
+        address: String,
+    },
+    /// Disables an account: it can no longer log in or receive mail.
+    Disable {
+        /// The address.
+        address: String,
+    },
+    /// Enables a disabled account.
+    Enable {
+        /// The address.
+        address: String,
+    },
+    /// Lists the accounts.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueCommand {
+    /// Lists queued messages and each recipient's state, attempts and last reply.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
 enum CertCommand {
     /// Verifies a sealed message's "Quantum Secured" certificate offline, with no key but the
     /// sender's public card: signature, ciphertext digest and bound headers. Exits 0 when it
@@ -116,11 +178,13 @@ fn parse_protection(text: &str) -> Result<Protection, String> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("QUTEMAIL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("QUTEMAIL_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(
+                if matches!(std::env::args().nth(1).as_deref(), Some("serve")) { "info" } else { "warn" },
+            )
+        }))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -132,6 +196,17 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Serve { config } => serve::serve(&config).await,
+            Command::Account { config, command } => match command {
+                AccountCommand::Add { address, name } => {
+                    accounts::add(&config, &address, name.as_deref()).await
+                }
+                AccountCommand::Passwd { address } => accounts::passwd(&config, &address).await,
+                AccountCommand::Disable { address } => accounts::set_disabled(&config, &address, true).await,
+                AccountCommand::Enable { address } => accounts::set_disabled(&config, &address, false).await,
+                AccountCommand::List => accounts::list(&config).await,
+            },
+            Command::Queue { config, command: QueueCommand::List } => accounts::queue_list(&config).await,
             Command::SiteCard { config, out } => commands::site_card(&config, out.as_deref()).await,
             Command::Seal { config, to_domain, protection, input, out } => {
                 commands::seal(&config, &to_domain, protection, &input, &out).await

@@ -43,3 +43,84 @@ pub async fn vault(config: &GatewayConfig) -> anyhow::Result<MailVault> {
     }
     Ok(MailVault::new(settings, kmd, hsm, keys, SiteDirectory::new(peers)?))
 }
+
+/// The mail store from `[store]`.
+pub async fn store(config: &GatewayConfig) -> anyhow::Result<qutemail_store::Store> {
+    let s = config.store.as_ref().context("the configuration has no [store] section")?;
+    let url = match (&s.database_url, &s.database_url_file, &s.sqlite) {
+        (Some(u), None, None) => u.clone(),
+        (None, Some(f), None) => std::fs::read_to_string(f)
+            .with_context(|| format!("[store] database_url_file {}", f.display()))?
+            .trim()
+            .to_owned(),
+        (None, None, Some(p)) => qutemail_store::sqlite_url(p),
+        _ => anyhow::bail!("[store] needs exactly one of database_url, database_url_file, sqlite"),
+    };
+    let store = qutemail_store::Store::open(qutemail_store::StoreConfig::new(url, s.blob_dir.clone()))
+        .await
+        .context("opening the mail store ([store])")?;
+    Ok(store)
+}
+
+/// The outbound queue: peer routes from `[[peer]]`, the relay from `[queue]`.
+pub fn queue(
+    config: &GatewayConfig,
+    store: qutemail_store::Store,
+    vault: MailVault,
+) -> anyhow::Result<qutemail_queue::OutboundQueue> {
+    use qutemail_queue::{QueueSettings, Route};
+    use qutemail_smtp::client::TlsMode;
+    let hostname = config.smtp.as_ref().map_or_else(|| config.site.domain.clone(), |s| s.hostname.clone());
+    let mut peer_routes = std::collections::HashMap::new();
+    for p in &config.peers {
+        let Some(target) = &p.smtp else { continue };
+        let ca = p.ca_cert.as_ref().with_context(|| format!("[[peer]] {}: smtp needs ca_cert", p.domain))?;
+        let roots =
+            std::fs::read(ca).with_context(|| format!("[[peer]] {}: ca_cert {}", p.domain, ca.display()))?;
+        let tls = qutemail_smtp::tls::client_config(&roots)
+            .with_context(|| format!("[[peer]] {}: ca_cert", p.domain))?;
+        peer_routes.insert(
+            p.domain.to_ascii_lowercase(),
+            Route {
+                target: target.clone(),
+                server_name: p.smtp_tls_name.clone().unwrap_or_else(|| p.domain.clone()),
+                tls: TlsMode::Required,
+                tls_config: Some(tls),
+            },
+        );
+    }
+    let q = &config.queue;
+    let smarthost = match &q.smarthost {
+        None => None,
+        Some(target) => {
+            let tls_config = match &q.smarthost_ca {
+                Some(ca) => Some(qutemail_smtp::tls::client_config(
+                    &std::fs::read(ca).with_context(|| format!("[queue] smarthost_ca {}", ca.display()))?,
+                )?),
+                None => None,
+            };
+            let host = target.rsplit_once(':').map_or(target.as_str(), |(h, _)| h).to_owned();
+            Some(Route {
+                target: target.clone(),
+                server_name: q.smarthost_tls_name.clone().unwrap_or(host),
+                tls: if tls_config.is_some() { TlsMode::Required } else { TlsMode::Disabled },
+                tls_config,
+            })
+        }
+    };
+    q.retry.validate().map_err(|e| anyhow::anyhow!("[queue.retry] {e}"))?;
+    Ok(qutemail_queue::OutboundQueue::new(
+        store,
+        vault,
+        QueueSettings {
+            hostname,
+            domain: config.site.domain.clone(),
+            peer_routes,
+            smarthost,
+            retry: q.retry.clone(),
+            batch: 50,
+            lease: std::time::Duration::from_secs(600),
+            poll: std::time::Duration::from_secs(5),
+        },
+    ))
+}

@@ -1,0 +1,503 @@
+//! The outbound queue: accepts messages for other domains (sealed at rest, durable before the
+//! SMTP server answers 250), delivers them — sealed with QKD keys to peer sites, over
+//! STARTTLS — retries with back-off, and reports failures and delays to local senders.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use qutemail_smtp::client::{ClientConfig, SmtpClient, TlsMode};
+use qutemail_smtp::{Address, DsnReturn, MailParams, RcptParams, Recipient, ReversePath};
+use qutemail_store::{
+    NewQueueRecipient, NewQueuedMessage, QueueOutcome, QueuedDelivery, QueuedRecipient, Store,
+};
+use qutemail_vault::{AppendRequest, MailVault, Protection, SealOrder, StoredProtection, VaultError};
+use tokio::io::AsyncReadExt as _;
+use tokio::sync::Notify;
+use zeroize::Zeroizing;
+
+use crate::dsn::{self, DsnAction, DsnRequest, RecipientReport};
+use crate::retry::{NextStep, RetryPolicy};
+
+/// Where mail for a domain goes: a peer site's gateway, or the site's relay (smarthost).
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// `host:port` to connect to.
+    pub target: String,
+    /// The name the server certificate must carry.
+    pub server_name: String,
+    /// STARTTLS policy (peer sites: required).
+    pub tls: TlsMode,
+    /// Roots that verify the server.
+    pub tls_config: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// The queue's settings.
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    /// This site's host name (EHLO) and mail domain (reports come from it).
+    pub hostname: String,
+    /// This site's mail domain.
+    pub domain: String,
+    /// Routes of the peer sites, by mail domain.
+    pub peer_routes: HashMap<String, Route>,
+    /// The relay for every other domain; without one, such mail bounces (5.4.4).
+    pub smarthost: Option<Route>,
+    /// Retry schedule.
+    pub retry: RetryPolicy,
+    /// Most recipients claimed per round.
+    pub batch: u32,
+    /// How long a claim keeps other runners off (longer than any delivery attempt).
+    pub lease: Duration,
+    /// How often the queue looks for due work when nothing wakes it.
+    pub poll: Duration,
+}
+
+/// The queue could not take or handle a message.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The mail store failed.
+    #[error(transparent)]
+    Store(#[from] qutemail_store::StoreError),
+    /// Sealing or opening failed.
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    /// Reading a queued blob failed.
+    #[error("reading a queued message: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The outbound queue. Cheap to clone.
+#[derive(Clone)]
+pub struct OutboundQueue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    vault: MailVault,
+    settings: QueueSettings,
+    wake: Notify,
+}
+
+impl std::fmt::Debug for OutboundQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboundQueue").field("domain", &self.inner.settings.domain).finish_non_exhaustive()
+    }
+}
+
+/// A recipient's DSN request as stored (`NOTIFY`), read back.
+fn notify_text(p: &RcptParams) -> String {
+    match &p.notify {
+        None => String::new(),
+        Some(n) if n.never => "NEVER".into(),
+        Some(n) => {
+            let mut v = Vec::new();
+            if n.success {
+                v.push("SUCCESS");
+            }
+            if n.failure {
+                v.push("FAILURE");
+            }
+            if n.delay {
+                v.push("DELAY");
+            }
+            v.join(",")
+        }
+    }
+}
+
+fn wants(notify: &str, what: &str) -> bool {
+    if notify.is_empty() {
+        // RFC 3461 § 4.1: without NOTIFY, FAILURE (and DELAY at the MTA's discretion).
+        return what != "SUCCESS";
+    }
+    notify.split(',').any(|n| n.eq_ignore_ascii_case(what))
+}
+
+impl OutboundQueue {
+    /// A queue over the site's store and vault.
+    pub fn new(store: Store, vault: MailVault, settings: QueueSettings) -> Self {
+        Self { inner: Arc::new(Inner { store, vault, settings, wake: Notify::new() }) }
+    }
+
+    /// Queues `message` (plaintext, as submitted) from `sender` to `recipients`, sealed at rest;
+    /// returns the queue ID once it is durable. `requested` is the protection the sender asked
+    /// for (`None`: the policy's choice per destination).
+    pub async fn submit(
+        &self,
+        sender: &ReversePath,
+        params: &MailParams,
+        recipients: &[Recipient],
+        requested: Option<Protection>,
+        message: Zeroizing<Vec<u8>>,
+    ) -> Result<String, QueueError> {
+        let size = message.len() as u64;
+        let (stored, _, sealed) = self
+            .inner
+            .vault
+            .seal_at_rest(Protection::Normal, std::io::Cursor::new(message), Vec::new())
+            .await?;
+        let new = NewQueuedMessage {
+            sender: match sender {
+                ReversePath::Null => String::new(),
+                ReversePath::Mailbox(a) => a.to_string(),
+            },
+            envid: params.envid.clone(),
+            ret_full: params.ret == Some(DsnReturn::Full),
+            requested: requested.map(|p| p.as_str().to_owned()),
+            size,
+            protection: stored.to_store(),
+            recipients: recipients
+                .iter()
+                .map(|r| NewQueueRecipient {
+                    address: r.address.to_string(),
+                    notify: notify_text(&r.params),
+                    orcpt: r.params.orcpt.as_ref().map(|o| format!("{};{}", o.addr_type, o.address)),
+                })
+                .collect(),
+        };
+        let id = self.inner.store.enqueue(&new, &mut sealed.as_slice()).await?;
+        tracing::info!(queue_id = %id, recipients = recipients.len(), size, "message queued");
+        self.inner.wake.notify_one();
+        Ok(id)
+    }
+
+    /// Wakes the runner (new mail, keys arrived, an operator's flush).
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// Delivers what is due until `shutdown` completes.
+    pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let worked = match self.run_once().await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(error = %e, "queue round failed");
+                    0
+                }
+            };
+            if worked > 0 {
+                continue;
+            }
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = self.inner.wake.notified() => {}
+                () = tokio::time::sleep(self.inner.settings.poll) => {}
+            }
+        }
+    }
+
+    /// One round: claims due recipients and attempts them. Returns how many groups were tried.
+    pub async fn run_once(&self) -> Result<usize, QueueError> {
+        let s = &self.inner.settings;
+        let due = self.inner.store.claim_due(SystemTime::now(), s.lease, s.batch).await?;
+        let n = due.len();
+        for delivery in due {
+            let outcomes = self.attempt(&delivery).await;
+            self.inner.store.record_queue_outcomes(&outcomes).await?;
+        }
+        Ok(n)
+    }
+
+    async fn attempt(&self, d: &QueuedDelivery) -> Vec<(i64, QueueOutcome)> {
+        let s = &self.inner.settings;
+        let age = SystemTime::now().duration_since(d.message.created_at).unwrap_or_default();
+        let transient = |status: &str, reply: String, remote: Option<String>| -> Vec<Attempted> {
+            d.recipients
+                .iter()
+                .map(|r| Attempted {
+                    recipient: r.clone(),
+                    result: Tried::Transient(status.into(), reply.clone(), remote.clone()),
+                })
+                .collect()
+        };
+        let permanent = |status: &str, reply: String, remote: Option<String>| -> Vec<Attempted> {
+            d.recipients
+                .iter()
+                .map(|r| Attempted {
+                    recipient: r.clone(),
+                    result: Tried::Permanent(status.into(), reply.clone(), remote.clone()),
+                })
+                .collect()
+        };
+        let results = match self.load(d).await {
+            Err(e) => {
+                tracing::error!(queue_id = %d.message.queue_id, error = %e, "cannot open a queued message");
+                transient("4.3.0", format!("local error: {e}"), None)
+            }
+            Ok(plain) => match self.route(&d.domain) {
+                None => permanent(
+                    "5.4.4",
+                    format!("no route to {} (no peer site and no relay configured)", d.domain),
+                    None,
+                ),
+                Some((route, peer)) => match self.prepare(d, peer, &plain).await {
+                    Err(Prepared::Wait(reply)) => transient("4.7.0", reply, None),
+                    Err(Prepared::Refuse(reply)) => permanent("5.7.1", reply, None),
+                    Ok(bytes) => self
+                        .send(d, &route, &bytes)
+                        .await
+                        .unwrap_or_else(|e| transient("4.4.1", e, Some(route.target.clone()))),
+                },
+            },
+        };
+        let mut outcomes = Vec::new();
+        let mut failed = Vec::new();
+        let mut delayed = Vec::new();
+        for a in results {
+            let id = a.recipient.id;
+            match a.result {
+                Tried::Delivered(remote, reply) => {
+                    tracing::info!(queue_id = %d.message.queue_id, rcpt = %a.recipient.address, %remote, "delivered");
+                    outcomes.push((id, QueueOutcome::Delivered { remote, reply }));
+                }
+                Tried::Permanent(status, reply, remote) => {
+                    tracing::warn!(queue_id = %d.message.queue_id, rcpt = %a.recipient.address, %status, %reply, "bounced");
+                    failed.push(report(&a.recipient, DsnAction::Failed, &status, &reply, &remote));
+                    outcomes.push((id, QueueOutcome::Failed { status, reply, remote }));
+                }
+                Tried::Transient(status, reply, remote) => match s
+                    .retry
+                    .after_failure(a.recipient.attempts + 1, age)
+                {
+                    NextStep::GiveUp => {
+                        let reply = format!("gave up after {} attempts: {reply}", a.recipient.attempts + 1);
+                        let status = format!("5{}", &status[1..]);
+                        failed.push(report(&a.recipient, DsnAction::Failed, &status, &reply, &remote));
+                        outcomes.push((id, QueueOutcome::Failed { status, reply, remote }));
+                    }
+                    NextStep::RetryIn(delay) => {
+                        let warn = !a.recipient.warned
+                            && s.retry.warning_due(age)
+                            && wants(&a.recipient.notify, "DELAY");
+                        if warn {
+                            delayed.push(report(&a.recipient, DsnAction::Delayed, &status, &reply, &remote));
+                        }
+                        tracing::info!(queue_id = %d.message.queue_id, rcpt = %a.recipient.address, %reply,
+                            retry_in_s = delay.as_secs(), "delivery deferred");
+                        outcomes.push((
+                            id,
+                            QueueOutcome::Retry {
+                                at: SystemTime::now() + delay,
+                                status,
+                                reply,
+                                remote,
+                                warned: a.recipient.warned || warn,
+                            },
+                        ));
+                    }
+                },
+            }
+        }
+        let failed: Vec<RecipientReport> =
+            failed.into_iter().filter(|(n, _)| wants(n, "FAILURE")).map(|(_, r)| r).collect();
+        let delayed: Vec<RecipientReport> = delayed.into_iter().map(|(_, r)| r).collect();
+        for reports in [failed, delayed] {
+            if !reports.is_empty()
+                && let Err(e) = self.report(d, &reports).await
+            {
+                tracing::error!(queue_id = %d.message.queue_id, error = %e, "cannot deliver a delivery status notification");
+            }
+        }
+        outcomes
+    }
+
+    async fn load(&self, d: &QueuedDelivery) -> Result<Zeroizing<Vec<u8>>, QueueError> {
+        let mut blob = self.inner.store.read_queued_blob(&d.message).await?;
+        let mut sealed = Vec::new();
+        blob.read_to_end(&mut sealed).await?;
+        let stored = StoredProtection::from_store(&d.message.protection)?;
+        let opened = self.inner.vault.open_stored(&stored, std::io::Cursor::new(sealed), Vec::new()).await?;
+        Ok(Zeroizing::new(opened.output))
+    }
+
+    fn route(&self, domain: &str) -> Option<(Route, bool)> {
+        let s = &self.inner.settings;
+        if let Some(r) = s.peer_routes.get(&domain.to_ascii_lowercase()) {
+            return Some((r.clone(), true));
+        }
+        s.smarthost.clone().map(|r| (r, false))
+    }
+
+    /// The bytes to send: for a peer site, the message sealed with fresh QKD keys (taken now,
+    /// at the attempt, so a message waits in the queue while kmd has none).
+    async fn prepare(&self, d: &QueuedDelivery, peer: bool, plain: &[u8]) -> Result<Vec<u8>, Prepared> {
+        let vault = &self.inner.vault;
+        let requested = d.message.requested.as_deref().and_then(parse_protection);
+        let protection = vault.choose(&d.domain, requested).map_err(|e| Prepared::Refuse(e.to_string()))?;
+        if !peer || protection == Protection::Normal {
+            return Ok(plain.to_vec());
+        }
+        let routing = qutemail_vault::routing_headers(plain).map_err(|e| Prepared::Refuse(e.to_string()))?;
+        let order = SealOrder {
+            recipient_domain: d.domain.clone(),
+            protection,
+            may_fall_back: requested.is_none(),
+            routing,
+            inner_len: plain.len() as u64,
+        };
+        match vault.seal_outbound(order, std::io::Cursor::new(plain.to_vec()), Vec::new()).await {
+            Ok(out) => Ok(out.output),
+            Err(e @ (VaultError::KeysUnavailable { .. } | VaultError::Kmd { .. } | VaultError::Hsm(_))) => {
+                Err(Prepared::Wait(format!("waiting for QKD keys: {e}")))
+            }
+            Err(e) => Err(Prepared::Refuse(e.to_string())),
+        }
+    }
+
+    async fn send(&self, d: &QueuedDelivery, route: &Route, bytes: &[u8]) -> Result<Vec<Attempted>, String> {
+        let s = &self.inner.settings;
+        let mut config = ClientConfig {
+            helo_name: s.hostname.clone(),
+            tls: route.tls,
+            tls_config: route.tls_config.clone(),
+            auth: None,
+            timeouts: Default::default(),
+        };
+        if route.tls_config.is_none() {
+            config.tls = TlsMode::Disabled;
+        }
+        let from = if d.message.sender.is_empty() {
+            ReversePath::Null
+        } else {
+            ReversePath::Mailbox(Address::parse(&d.message.sender, true).map_err(|e| format!("sender: {e}"))?)
+        };
+        let params = MailParams {
+            envid: d.message.envid.clone(),
+            ret: d.message.ret_full.then_some(DsnReturn::Full),
+            ..MailParams::default()
+        };
+        let mut recipients = Vec::new();
+        for r in &d.recipients {
+            let address =
+                Address::parse(&r.address, true).map_err(|e| format!("recipient {}: {e}", r.address))?;
+            recipients.push(Recipient { address, params: RcptParams::default() });
+        }
+        let mut client = SmtpClient::connect(route.target.as_str(), &route.server_name, &config)
+            .await
+            .map_err(|e| e.to_string())?;
+        let report =
+            client.send_with_dsn(&from, &params, &recipients, bytes).await.map_err(|e| e.to_string())?;
+        let _ = client.quit().await;
+        let remote = route.target.clone();
+        Ok(d.recipients
+            .iter()
+            .zip(report.recipients)
+            .map(|(r, result)| {
+                let reply = result.reply.to_string();
+                let status = result.reply.enhanced.map(|e| e.to_string());
+                let tried = match result.outcome() {
+                    qutemail_smtp::client::RecipientOutcome::Delivered => {
+                        Tried::Delivered(remote.clone(), reply)
+                    }
+                    qutemail_smtp::client::RecipientOutcome::Retry => Tried::Transient(
+                        status.unwrap_or_else(|| "4.0.0".into()),
+                        reply,
+                        Some(remote.clone()),
+                    ),
+                    qutemail_smtp::client::RecipientOutcome::Bounce => Tried::Permanent(
+                        status.unwrap_or_else(|| "5.0.0".into()),
+                        reply,
+                        Some(remote.clone()),
+                    ),
+                };
+                Attempted { recipient: r.clone(), result: tried }
+            })
+            .collect())
+    }
+
+    /// Delivers a report to the (local) sender's INBOX; a remote or null sender gets none.
+    async fn report(&self, d: &QueuedDelivery, reports: &[RecipientReport]) -> Result<(), QueueError> {
+        let s = &self.inner.settings;
+        let sender = &d.message.sender;
+        let local = sender.rsplit_once('@').is_some_and(|(_, dom)| dom.eq_ignore_ascii_case(&s.domain));
+        if sender.is_empty() || !local {
+            tracing::info!(queue_id = %d.message.queue_id, "no report: the sender is not a local account");
+            return Ok(());
+        }
+        let plain = self.load(d).await?;
+        let original: &[u8] = if d.message.ret_full { &plain } else { dsn::header_block(&plain) };
+        let now = dsn::unix_now();
+        let created = d.message.created_at.duration_since(std::time::UNIX_EPOCH).map_or(now, |t| t.as_secs());
+        let token = format!("{}-{}", d.message.queue_id, now);
+        let retry_until = created + s.retry.give_up_after_s;
+        let message = dsn::build_dsn(&DsnRequest {
+            reporting_domain: &s.domain,
+            sender,
+            envelope_id: d.message.envid.as_deref(),
+            arrival_unix: created,
+            last_attempt_unix: now,
+            retry_until_unix: Some(retry_until),
+            recipients: reports,
+            original,
+            full: d.message.ret_full,
+            token: &token,
+        });
+        let account = self.inner.store.account(sender).await?;
+        let inbox = self.inner.store.mailbox(account.id, "INBOX").await?;
+        self.inner
+            .vault
+            .append_plain(
+                &self.inner.store,
+                inbox.id,
+                Protection::Normal,
+                &AppendRequest::default(),
+                Zeroizing::new(message),
+            )
+            .await?;
+        tracing::info!(queue_id = %d.message.queue_id, recipients = reports.len(), "delivery status notification sent to the sender");
+        Ok(())
+    }
+}
+
+fn parse_protection(text: &str) -> Option<Protection> {
+    match text {
+        "hybrid" => Some(Protection::Hybrid),
+        "qaes" => Some(Protection::Qaes),
+        "otp" => Some(Protection::Otp),
+        "pqc" => Some(Protection::Pqc),
+        "normal" => Some(Protection::Normal),
+        _ => None,
+    }
+}
+
+fn report(
+    r: &QueuedRecipient,
+    action: DsnAction,
+    status: &str,
+    reply: &str,
+    remote: &Option<String>,
+) -> (String, RecipientReport) {
+    (
+        r.notify.clone(),
+        RecipientReport {
+            recipient: r.address.clone(),
+            original_recipient: r.orcpt.clone(),
+            action,
+            status: status.to_owned(),
+            remote_mta: remote.clone(),
+            diagnostic: reply.to_owned(),
+        },
+    )
+}
+
+enum Prepared {
+    /// Not now (no keys): retry.
+    Wait(String),
+    /// Never (policy refuses, message unusable): bounce.
+    Refuse(String),
+}
+
+struct Attempted {
+    recipient: QueuedRecipient,
+    result: Tried,
+}
+
+enum Tried {
+    Delivered(String, String),
+    Transient(String, String, Option<String>),
+    Permanent(String, String, Option<String>),
+}
