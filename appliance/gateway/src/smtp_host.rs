@@ -85,6 +85,27 @@ impl SiteMailHost {
     }
 }
 
+impl SiteMailHost {
+    /// Submitted mail is kept in the sender's Sent folder, sealed at rest, before the 250.
+    async fn keep_in_sent(&self, envelope: &MailEnvelope, message: &[u8]) -> Result<(), Refusal> {
+        let Some(user) = envelope.session.authenticated_as.as_deref() else { return Ok(()) };
+        let account = self.store.account(user).await.map_err(temporary)?;
+        let sent = self.store.mailbox(account.id, "Sent").await.map_err(temporary)?;
+        let request = AppendRequest { flags: qutemail_store::Flags::SEEN, ..AppendRequest::default() };
+        self.vault
+            .append_plain(
+                &self.store,
+                sent.id,
+                Protection::Normal,
+                &request,
+                Zeroizing::new(message.to_vec()),
+            )
+            .await
+            .map_err(temporary)?;
+        Ok(())
+    }
+}
+
 /// Whether the message's header block says it is a QuteMail envelope.
 fn is_sealed_envelope(message: &[u8]) -> bool {
     let head = qutemail_queue::dsn::header_block(message);
@@ -176,6 +197,9 @@ impl SmtpHandler for SiteMailHost {
             envelope.recipients.iter().filter(|r| !self.is_local(&r.address)).cloned().collect();
         if !local.is_empty() {
             self.deliver_local(&local, &message).await?;
+        }
+        if self.role == Role::Submission {
+            self.keep_in_sent(&envelope, &message).await?;
         }
         let mut id = String::from("local");
         if !remote.is_empty() {
