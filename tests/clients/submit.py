@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Submits one message with Python's smtplib: STARTTLS (verified against a CA) and AUTH.
 
-usage: submit.py HOST:PORT CA_PEM USER PASSWORD FROM TO[,TO...] SUBJECT BODY_FILE
-Prints the refused recipients as JSON ({} when all were accepted)."""
+usage: submit.py HOST:PORT CA_PEM USER PASSWORD FROM TO[,TO...] SUBJECT BODY_FILE [SENT_FILE]
+Prints the refused recipients as JSON ({} when all were accepted); writes the exact bytes sent
+(before SMTP dot-stuffing) to SENT_FILE when given."""
+import email.policy
 import email.utils
 import json
 import smtplib
@@ -11,6 +13,7 @@ import sys
 from email.message import EmailMessage
 
 host_port, ca, user, password, sender, recipients, subject, body_file = sys.argv[1:9]
+sent_file = sys.argv[9] if len(sys.argv) > 9 else None
 host, port = host_port.rsplit(":", 1)
 context = ssl.create_default_context(cafile=ca)
 message = EmailMessage()
@@ -24,5 +27,9 @@ with open(body_file, encoding="utf-8") as f:
 with smtplib.SMTP(host, int(port), timeout=60) as s:
     s.starttls(context=context)
     s.login(user, password)
-    refused = s.send_message(message, to_addrs=recipients.split(","))
+    data = message.as_bytes(policy=email.policy.SMTP)
+    if sent_file:
+        with open(sent_file, "wb") as f:
+            f.write(data)
+    refused = s.sendmail(sender, recipients.split(","), data)
 print(json.dumps(refused))

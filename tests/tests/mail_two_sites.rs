@@ -16,6 +16,16 @@ fn python() -> String {
 }
 
 fn submit(site: &serde_json::Value, to: &str, subject: &str, body: &Path) -> String {
+    submit_keeping(site, to, subject, body, None)
+}
+
+fn submit_keeping(
+    site: &serde_json::Value,
+    to: &str,
+    subject: &str,
+    body: &Path,
+    sent: Option<&Path>,
+) -> String {
     let user = &site["users"][0];
     let out = Command::new(python())
         .arg(workspace_root().join("tests/clients/submit.py"))
@@ -27,6 +37,7 @@ fn submit(site: &serde_json::Value, to: &str, subject: &str, body: &Path) -> Str
         .arg(to)
         .arg(subject)
         .arg(body)
+        .args(sent)
         .output()
         .expect("python3 (apt-get install -y python3)");
     assert!(out.status.success(), "smtplib submission failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -50,15 +61,43 @@ fn qutemail(demo: &LiveDemo, site: &str, args: &[&str]) -> String {
 }
 
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let deadline = Instant::now() + Duration::from_secs(150);
     while !done() {
-        assert!(Instant::now() < deadline, "{what} did not happen within 90 s");
+        assert!(Instant::now() < deadline, "{what} did not happen within 150 s");
         std::thread::sleep(Duration::from_millis(500));
     }
 }
 
 fn log(demo: &LiveDemo, name: &str) -> String {
     std::fs::read_to_string(demo.dir.path().join("logs").join(name)).unwrap_or_default()
+}
+
+/// Bob's maildrop at B over POP3 (poplib, STLS); returns the messages as the server sent them.
+fn pop3_fetch(site: &serde_json::Value, out: &Path) -> Vec<Vec<u8>> {
+    let user = &site["users"][0];
+    let result = Command::new(python())
+        .arg(workspace_root().join("tests/clients/pop3_fetch.py"))
+        .arg(site["gateway"]["pop3"].as_str().unwrap())
+        .arg(site["gateway"]["tls_ca"].as_str().unwrap())
+        .arg(user["address"].as_str().unwrap())
+        .arg(user["password"].as_str().unwrap())
+        .arg(out)
+        .output()
+        .expect("python3");
+    assert!(result.status.success(), "poplib: {}", String::from_utf8_lossy(&result.stderr));
+    let listing: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    let count = listing["count"].as_u64().unwrap();
+    (1..=count)
+        .map(|n| {
+            let bytes = std::fs::read(out.join(format!("{n}.eml"))).unwrap();
+            assert_eq!(
+                listing["sizes"][n as usize - 1].as_u64(),
+                Some(bytes.len() as u64),
+                "LIST size = RETR octets"
+            );
+            bytes
+        })
+        .collect()
 }
 
 #[test]
@@ -74,7 +113,9 @@ fn alice_at_a_mails_bob_at_b_sealed_with_qkd_keys() {
     let body = clear.path().join("body.txt");
     std::fs::write(&body, format!("Dear Bob,\nthe figures are {}.\n", canaries[1])).unwrap();
 
-    let refused = submit(&a, "bob@b.qutemail.test", &format!("figures {}", canaries[0]), &body);
+    let sent = clear.path().join("sent.eml");
+    let refused =
+        submit_keeping(&a, "bob@b.qutemail.test", &format!("figures {}", canaries[0]), &body, Some(&sent));
     assert_eq!(refused, "{}", "every recipient accepted");
     wait_for("delivery at B", || log(&demo, "qutemail-B.log").contains("quantum-secured message delivered"));
     let b_log = log(&demo, "qutemail-B.log");
@@ -87,6 +128,21 @@ fn alice_at_a_mails_bob_at_b_sealed_with_qkd_keys() {
         a_log.contains("message sealed for a peer site peer=b.qutemail.test protection=hybrid"),
         "{a_log}"
     );
+
+    // Bob reads it over POP3 at B: the gateway's protection headers, then exactly what Alice's
+    // client sent (after A's Received line, which is part of the sealed message).
+    let fetched = clear.path().join("pop3");
+    std::fs::create_dir(&fetched).unwrap();
+    let messages = pop3_fetch(demo.site("B"), &fetched);
+    assert_eq!(messages.len(), 1);
+    let got = &messages[0];
+    let sent = std::fs::read(&sent).unwrap();
+    assert!(got.ends_with(&sent), "Bob's copy ends with the exact bytes Alice sent");
+    let text = String::from_utf8_lossy(got).into_owned();
+    assert!(text.starts_with("X-QKD-Secure: True\r\nX-QKD-Protection: hybrid\r\n"), "{text}");
+    assert!(text.contains("X-QKD-Algorithm: QKD-MLKEM768-HKDF-SHA256-AES256GCM-STREAM\r\n"), "{text}");
+    assert!(text.contains("X-QKD-Certificate: verified; signed by a.qutemail.test"), "{text}");
+    assert!(text.contains("link link-a-b"), "{text}");
 
     // A mailbox B does not have: B refuses at RCPT, A's queue bounces, Alice gets a report.
     let refused = submit(&a, "nobody@b.qutemail.test", "to nobody", &body);

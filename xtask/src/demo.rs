@@ -88,6 +88,8 @@ struct GatewayState {
     tls_ca: PathBuf,
     smtp_mx: String,
     smtp_submission: String,
+    pop3: String,
+    pop3s: String,
 }
 
 /// A demo mail account.
@@ -135,6 +137,8 @@ struct SiteSpec {
     peer_port: u16,
     mx_port: u16,
     submission_port: u16,
+    pop3_port: u16,
+    pop3s_port: u16,
     user: (&'static str, &'static str),
 }
 
@@ -152,6 +156,8 @@ const SITES: [SiteSpec; 2] = [
         peer_port: 8451,
         mx_port: 2525,
         submission_port: 5870,
+        pop3_port: 1100,
+        pop3s_port: 9950,
         user: ("alice@a.qutemail.test", "alice-demo-password"),
     },
     SiteSpec {
@@ -167,6 +173,8 @@ const SITES: [SiteSpec; 2] = [
         peer_port: 8452,
         mx_port: 2526,
         submission_port: 5871,
+        pop3_port: 1101,
+        pop3s_port: 9951,
         user: ("bob@b.qutemail.test", "bob-demo-password"),
     },
 ];
@@ -193,7 +201,15 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
         }
     }
     for s in &SITES {
-        for port in [s.etsi_port, s.metrics_port, s.peer_port, s.mx_port, s.submission_port] {
+        for port in [
+            s.etsi_port,
+            s.metrics_port,
+            s.peer_port,
+            s.mx_port,
+            s.submission_port,
+            s.pop3_port,
+            s.pop3s_port,
+        ] {
             if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
                 bail!("site {}: port 127.0.0.1:{port} is busy (is another demo running?)", s.name);
             }
@@ -370,6 +386,8 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
                     tls_ca: ca_cert.clone(),
                     smtp_mx: format!("127.0.0.1:{}", s.mx_port),
                     smtp_submission: format!("127.0.0.1:{}", s.submission_port),
+                    pop3: format!("127.0.0.1:{}", s.pop3_port),
+                    pop3s: format!("127.0.0.1:{}", s.pop3s_port),
                 },
                 users: vec![UserState { address: s.user.0, password: s.user.1 }],
             }
@@ -391,8 +409,9 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
         for spec in &SITES {
             let s = &state.sites[spec.name];
             println!("  site {}: kmd {} (pid {}) ETSI 014 at {}, metrics {}", s.name, s.kme_id, s.kmd_pid, s.etsi014_url, s.metrics_url);
-            println!("  site {}: mail gateway (pid {}) SMTP MX {}, submission {} (STARTTLS); user {} / {}",
-                s.name, s.gateway.pid, s.gateway.smtp_mx, s.gateway.smtp_submission, s.users[0].address, s.users[0].password);
+            println!("  site {}: mail gateway (pid {}) SMTP MX {}, submission {} (STARTTLS), POP3 {} (STLS) / {} (TLS); user {} / {}",
+                s.name, s.gateway.pid, s.gateway.smtp_mx, s.gateway.smtp_submission, s.gateway.pop3, s.gateway.pop3s,
+                s.users[0].address, s.users[0].password);
         }
         println!("  Faults: {} ctl --socket {} fibre-cut on|off | eavesdrop 0.2 | noise both --flip-rate 0.001 | reboot alice",
             bin.join("qkd-sim").display(), control_socket.display());
@@ -462,6 +481,10 @@ hostname = "{domain}"
 mx_listen = "127.0.0.1:{mx}"
 submission_listen = "127.0.0.1:{sub}"
 
+[pop3]
+listen = "127.0.0.1:{pop3}"
+tls_listen = "127.0.0.1:{pop3s}"
+
 [queue.retry]
 delays_s = [5, 15, 60, 300]
 "#,
@@ -474,6 +497,8 @@ delays_s = [5, 15, 60, 300]
         name = s.name,
         mx = s.mx_port,
         sub = s.submission_port,
+        pop3 = s.pop3_port,
+        pop3s = s.pop3s_port,
     );
     if let Some(card) = peer_card {
         let peer = &SITES[s.peer];
@@ -566,7 +591,7 @@ fn start_gateways(dir: &Path, bin: &Path, children: &mut Children) -> anyhow::Re
     }
     let started = Instant::now();
     for s in &SITES {
-        for port in [s.mx_port, s.submission_port] {
+        for port in [s.mx_port, s.submission_port, s.pop3_port, s.pop3s_port] {
             while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
                 if started.elapsed() > Duration::from_secs(60) {
                     bail!(

@@ -32,6 +32,19 @@ pub struct GatewayConfig {
     /// `[queue]`: outbound delivery.
     #[serde(default)]
     pub queue: QueueSection,
+    /// `[pop3]`: listeners.
+    pub pop3: Option<ListenSection>,
+}
+
+/// `[pop3]` (and other retrieval protocols): a plain listener with STARTTLS/STLS and an
+/// implicit-TLS listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenSection {
+    /// Plain listener offering STLS/STARTTLS (110 for POP3).
+    pub listen: Option<std::net::SocketAddr>,
+    /// Implicit-TLS listener (995 for POP3).
+    pub tls_listen: Option<std::net::SocketAddr>,
 }
 
 /// `[store]`.

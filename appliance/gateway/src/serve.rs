@@ -67,6 +67,31 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
             });
         }
     }
+    let server_tls = match &config.tls {
+        Some(t) => {
+            let cert = std::fs::read(&t.cert).with_context(|| format!("[tls] cert {}", t.cert.display()))?;
+            let key = std::fs::read(&t.key).with_context(|| format!("[tls] key {}", t.key.display()))?;
+            Some(qutemail_smtp::tls::server_config(&cert, &key).context("[tls]")?)
+        }
+        None => None,
+    };
+    let mut pop3_server = None;
+    if let Some(pop3) = &config.pop3 {
+        let tls = server_tls.clone().context("[pop3] needs [tls]: POP3 logins happen only over TLS")?;
+        let server =
+            qutemail_pop3::Pop3Server::new(qutemail_pop3::Pop3Config::new(tls), store.clone(), vault.clone());
+        for (addr, implicit, name) in [(pop3.listen, false, "pop3"), (pop3.tls_listen, true, "pop3s")] {
+            let Some(addr) = addr else { continue };
+            let listener =
+                TcpListener::bind(addr).await.with_context(|| format!("[pop3] cannot listen on {addr}"))?;
+            listening.push(format!("{name}={}", listener.local_addr()?));
+            let server = server.clone();
+            tasks.spawn(async move {
+                if implicit { server.serve_tls(listener).await } else { server.serve_plain(listener).await }
+            });
+        }
+        pop3_server = Some(server);
+    }
     {
         let queue = queue.clone();
         let stop = stopped();
@@ -84,6 +109,9 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("stopping");
     let _ = stop_tx.send(true);
+    if let Some(p) = &pop3_server {
+        p.shutdown();
+    }
     while tasks.join_next().await.is_some() {}
     store.close().await;
     Ok(ExitCode::SUCCESS)

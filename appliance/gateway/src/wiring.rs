@@ -121,6 +121,7 @@ pub fn queue(
             batch: 50,
             lease: std::time::Duration::from_secs(600),
             poll: std::time::Duration::from_secs(5),
+            key_wait_retry: std::time::Duration::from_secs(10),
         },
     ))
 }

@@ -19,6 +19,9 @@ use zeroize::Zeroizing;
 use crate::dsn::{self, DsnAction, DsnRequest, RecipientReport};
 use crate::retry::{NextStep, RetryPolicy};
 
+/// The status of a message waiting for QKD keys.
+const KEY_WAIT_STATUS: &str = "4.7.0";
+
 /// Where mail for a domain goes: a peer site's gateway, or the site's relay (smarthost).
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -51,6 +54,9 @@ pub struct QueueSettings {
     pub lease: Duration,
     /// How often the queue looks for due work when nothing wakes it.
     pub poll: Duration,
+    /// Longest wait before trying again a message that waits for QKD keys (keys come back
+    /// within seconds once a link recovers; the retry schedule is for remote failures).
+    pub key_wait_retry: Duration,
 }
 
 /// The queue could not take or handle a message.
@@ -235,7 +241,7 @@ impl OutboundQueue {
                     None,
                 ),
                 Some((route, peer)) => match self.prepare(d, peer, &plain).await {
-                    Err(Prepared::Wait(reply)) => transient("4.7.0", reply, None),
+                    Err(Prepared::Wait(reply)) => transient(KEY_WAIT_STATUS, reply, None),
                     Err(Prepared::Refuse(reply)) => permanent("5.7.1", reply, None),
                     Ok(bytes) => self
                         .send(d, &route, &bytes)
@@ -270,6 +276,7 @@ impl OutboundQueue {
                         outcomes.push((id, QueueOutcome::Failed { status, reply, remote }));
                     }
                     NextStep::RetryIn(delay) => {
+                        let delay = if status == KEY_WAIT_STATUS { delay.min(s.key_wait_retry) } else { delay };
                         let warn = !a.recipient.warned
                             && s.retry.warning_due(age)
                             && wants(&a.recipient.notify, "DELAY");

@@ -73,7 +73,7 @@ pub struct StoredBlob {
 }
 
 /// Where message blobs live. [`FsBlobStore`] is the implementation for one appliance; an
-/// S3-compatible object store can implement the same trait later (streaming multipart upload
+/// S3-compatible object store can implement the same trait (see `s3.rs`) (streaming multipart upload
 /// for `put`, `GetObject` for `get`, `CopyObject` for `copy`, `ListObjectsV2` with
 /// `LastModified` for `list_older_than`).
 ///

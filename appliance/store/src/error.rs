@@ -113,4 +113,9 @@ pub enum BlobError {
     /// Reading the caller's message stream failed; nothing was stored.
     #[error("reading the message to store: {0}")]
     Source(#[source] std::io::Error),
+    /// The S3-compatible object store refused a request or could not be reached (HTTP
+    /// status and S3 error code inside).
+    #[cfg(feature = "s3")]
+    #[error(transparent)]
+    S3(#[from] crate::s3::S3Error),
 }

@@ -56,8 +56,12 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Cargo feature `testing` adds the module `testing`: a throw-away PostgreSQL server per
-//! test process and ready-made stores on either backend, for this and later crates' tests.
+//! Cargo feature `s3` adds `S3BlobStore` (blobs in an S3-compatible object store, for
+//! [`Store::open_with_blobs`]); see its docs for layout and durability.
+//!
+//! Cargo feature `testing` (which implies `s3`) adds the module `testing`: a throw-away
+//! PostgreSQL server per test process and ready-made stores on either backend, for this and
+//! later crates' tests.
 
 #![deny(missing_docs)]
 #![warn(clippy::unwrap_used, clippy::expect_used)]
@@ -67,6 +71,8 @@ mod blob;
 mod db;
 mod error;
 mod password;
+#[cfg(feature = "s3")]
+mod s3;
 mod store;
 mod types;
 
@@ -77,6 +83,8 @@ pub use blob::{BlobFuture, BlobId, BlobReader, BlobStore, FsBlobStore, StoredBlo
 pub use db::{SCHEMA_VERSION, sqlite_url};
 pub use error::{AuthError, BlobError, StoreError};
 pub use password::PasswordParams;
+#[cfg(feature = "s3")]
+pub use s3::{S3BlobStore, S3Config, S3Error};
 pub use store::{
     DEFAULT_MAILBOXES, NewQueueRecipient, NewQueuedMessage, QueueListing, QueueOutcome, QueuedDelivery,
     QueuedMessage, QueuedRecipient, Store, StoreConfig, normalize_address, normalize_mailbox_name,
