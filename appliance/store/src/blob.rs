@@ -72,9 +72,9 @@ pub struct StoredBlob {
     pub len: u64,
 }
 
-/// Where message blobs live. [`FsBlobStore`] is the implementation for one appliance; an
-/// S3-compatible object store can implement the same trait (see `s3.rs`) (streaming multipart upload
-/// for `put`, `GetObject` for `get`, `CopyObject` for `copy`, `ListObjectsV2` with
+/// Where message blobs live. [`FsBlobStore`] is the implementation for one appliance; the
+/// S3-compatible object store (`s3.rs`, feature `s3`) serves several gateway nodes (multipart
+/// upload for `put`, `GetObject` for `get`, `CopyObject` for `copy`, `ListObjectsV2` with
 /// `LastModified` for `list_older_than`).
 ///
 /// Contract relied on by [`crate::Store`]: when `put` or `copy` returns `Ok`, the blob survives
