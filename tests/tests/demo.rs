@@ -74,12 +74,25 @@ fn check_site_keys(state: &serde_json::Value) {
             assert!(Path::new(g[f].as_str().unwrap()).is_file(), "{f}: {g}");
         }
         assert!(g["smtp_mx"].as_str().unwrap().starts_with("127.0.0.1:"), "{g}");
-        assert!(g["smtp_submission"].as_str().unwrap().starts_with("127.0.0.1:"), "{g}");
+        for listener in ["smtp_submission", "pop3", "pop3s", "imap", "imaps"] {
+            assert!(g[listener].as_str().unwrap().starts_with("127.0.0.1:"), "{listener}: {g}");
+        }
         assert_eq!(state["sites"][site]["users"][0]["address"], user);
         assert!(!state["sites"][site]["users"][0]["password"].as_str().unwrap().is_empty());
     }
     let dir = Path::new(state["state_dir"].as_str().unwrap());
-    for p in ["pki", "hsm/A", "hsm/B", "kmd-A.toml", "kmd-B.toml", "store/A", "store/B", "mail/A", "mail/B", "logs"] {
+    for p in [
+        "pki",
+        "hsm/A",
+        "hsm/B",
+        "kmd-A.toml",
+        "kmd-B.toml",
+        "store/A",
+        "store/B",
+        "mail/A",
+        "mail/B",
+        "logs",
+    ] {
         assert!(dir.join(p).exists(), "{p} missing in {}", dir.display());
     }
 }

@@ -144,6 +144,24 @@ fn alice_at_a_mails_bob_at_b_sealed_with_qkd_keys() {
     assert!(text.contains("X-QKD-Certificate: verified; signed by a.qutemail.test"), "{text}");
     assert!(text.contains("link link-a-b"), "{text}");
 
+    // The same message over IMAP (imaplib, STARTTLS): BODY[] is what POP3 gave.
+    let over_imap = clear.path().join("imap");
+    std::fs::create_dir(&over_imap).unwrap();
+    let b = demo.site("B");
+    let out = Command::new(python())
+        .arg(workspace_root().join("tests/clients/imap_fetch.py"))
+        .arg(b["gateway"]["imap"].as_str().unwrap())
+        .arg(b["gateway"]["tls_ca"].as_str().unwrap())
+        .arg(b["users"][0]["address"].as_str().unwrap())
+        .arg(b["users"][0]["password"].as_str().unwrap())
+        .arg(&over_imap)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "imaplib: {}", String::from_utf8_lossy(&out.stderr));
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let uid = listing["uids"][0].as_str().unwrap();
+    assert_eq!(&std::fs::read(over_imap.join(format!("{uid}.eml"))).unwrap(), got, "IMAP and POP3 agree");
+
     // A mailbox B does not have: B refuses at RCPT, A's queue bounces, Alice gets a report.
     let refused = submit(&a, "nobody@b.qutemail.test", "to nobody", &body);
     assert_eq!(refused, "{}", "A accepts it for relaying");

@@ -90,6 +90,8 @@ struct GatewayState {
     smtp_submission: String,
     pop3: String,
     pop3s: String,
+    imap: String,
+    imaps: String,
 }
 
 /// A demo mail account.
@@ -139,6 +141,8 @@ struct SiteSpec {
     submission_port: u16,
     pop3_port: u16,
     pop3s_port: u16,
+    imap_port: u16,
+    imaps_port: u16,
     user: (&'static str, &'static str),
 }
 
@@ -158,6 +162,8 @@ const SITES: [SiteSpec; 2] = [
         submission_port: 5870,
         pop3_port: 1100,
         pop3s_port: 9950,
+        imap_port: 1430,
+        imaps_port: 9930,
         user: ("alice@a.qutemail.test", "alice-demo-password"),
     },
     SiteSpec {
@@ -175,6 +181,8 @@ const SITES: [SiteSpec; 2] = [
         submission_port: 5871,
         pop3_port: 1101,
         pop3s_port: 9951,
+        imap_port: 1431,
+        imaps_port: 9931,
         user: ("bob@b.qutemail.test", "bob-demo-password"),
     },
 ];
@@ -388,6 +396,8 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
                     smtp_submission: format!("127.0.0.1:{}", s.submission_port),
                     pop3: format!("127.0.0.1:{}", s.pop3_port),
                     pop3s: format!("127.0.0.1:{}", s.pop3s_port),
+                    imap: format!("127.0.0.1:{}", s.imap_port),
+                    imaps: format!("127.0.0.1:{}", s.imaps_port),
                 },
                 users: vec![UserState { address: s.user.0, password: s.user.1 }],
             }
@@ -409,9 +419,9 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
         for spec in &SITES {
             let s = &state.sites[spec.name];
             println!("  site {}: kmd {} (pid {}) ETSI 014 at {}, metrics {}", s.name, s.kme_id, s.kmd_pid, s.etsi014_url, s.metrics_url);
-            println!("  site {}: mail gateway (pid {}) SMTP MX {}, submission {} (STARTTLS), POP3 {} (STLS) / {} (TLS); user {} / {}",
+            println!("  site {}: mail gateway (pid {}) SMTP MX {}, submission {} (STARTTLS), POP3 {} (STLS) / {} (TLS), IMAP {} (STARTTLS) / {} (TLS); user {} / {}",
                 s.name, s.gateway.pid, s.gateway.smtp_mx, s.gateway.smtp_submission, s.gateway.pop3, s.gateway.pop3s,
-                s.users[0].address, s.users[0].password);
+                s.gateway.imap, s.gateway.imaps, s.users[0].address, s.users[0].password);
         }
         println!("  Faults: {} ctl --socket {} fibre-cut on|off | eavesdrop 0.2 | noise both --flip-rate 0.001 | reboot alice",
             bin.join("qkd-sim").display(), control_socket.display());
@@ -485,6 +495,10 @@ submission_listen = "127.0.0.1:{sub}"
 listen = "127.0.0.1:{pop3}"
 tls_listen = "127.0.0.1:{pop3s}"
 
+[imap]
+listen = "127.0.0.1:{imap}"
+tls_listen = "127.0.0.1:{imaps}"
+
 [queue.retry]
 delays_s = [5, 15, 60, 300]
 "#,
@@ -499,6 +513,8 @@ delays_s = [5, 15, 60, 300]
         sub = s.submission_port,
         pop3 = s.pop3_port,
         pop3s = s.pop3s_port,
+        imap = s.imap_port,
+        imaps = s.imaps_port,
     );
     if let Some(card) = peer_card {
         let peer = &SITES[s.peer];
@@ -591,7 +607,7 @@ fn start_gateways(dir: &Path, bin: &Path, children: &mut Children) -> anyhow::Re
     }
     let started = Instant::now();
     for s in &SITES {
-        for port in [s.mx_port, s.submission_port, s.pop3_port, s.pop3s_port] {
+        for port in [s.mx_port, s.submission_port, s.pop3_port, s.pop3s_port, s.imap_port, s.imaps_port] {
             while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
                 if started.elapsed() > Duration::from_secs(60) {
                     bail!(

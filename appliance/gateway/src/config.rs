@@ -34,6 +34,8 @@ pub struct GatewayConfig {
     pub queue: QueueSection,
     /// `[pop3]`: listeners.
     pub pop3: Option<ListenSection>,
+    /// `[imap]`: listeners.
+    pub imap: Option<ListenSection>,
 }
 
 /// `[pop3]` (and other retrieval protocols): a plain listener with STARTTLS/STLS and an

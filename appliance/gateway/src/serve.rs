@@ -26,16 +26,45 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
     };
     let mut tasks = tokio::task::JoinSet::new();
     let mut listening = Vec::new();
+    let server_tls = match &config.tls {
+        Some(t) => {
+            let cert = std::fs::read(&t.cert).with_context(|| format!("[tls] cert {}", t.cert.display()))?;
+            let key = std::fs::read(&t.key).with_context(|| format!("[tls] key {}", t.key.display()))?;
+            Some(qutemail_smtp::tls::server_config(&cert, &key).context("[tls]")?)
+        }
+        None => None,
+    };
+    // IMAP first: SMTP deliveries signal its idling sessions.
+    let mut imap_server = None;
+    if let Some(imap) = &config.imap {
+        let tls = server_tls.clone().context("[imap] needs [tls]: IMAP logins happen only over TLS")?;
+        let mut imap_config = qutemail_imap::ImapConfig::new(tls);
+        if let Some(smtp) = &config.smtp {
+            imap_config.max_message_bytes = smtp.max_message_bytes;
+        }
+        let server = qutemail_imap::ImapServer::new(imap_config, store.clone(), vault.clone());
+        for (addr, implicit, name) in [(imap.listen, false, "imap"), (imap.tls_listen, true, "imaps")] {
+            let Some(addr) = addr else { continue };
+            let listener =
+                TcpListener::bind(addr).await.with_context(|| format!("[imap] cannot listen on {addr}"))?;
+            listening.push(format!("{name}={}", listener.local_addr()?));
+            let server = server.clone();
+            tasks.spawn(async move {
+                let result = if implicit {
+                    server.serve_tls(listener).await
+                } else {
+                    server.serve_plain(listener).await
+                };
+                if let Err(e) = result {
+                    tracing::error!(listener = name, error = %e, "IMAP listener failed");
+                }
+            });
+        }
+        imap_server = Some(server);
+    }
+    let events = imap_server.as_ref().map(qutemail_imap::ImapServer::events);
     if let Some(smtp) = &config.smtp {
-        let tls = match &config.tls {
-            Some(t) => {
-                let cert =
-                    std::fs::read(&t.cert).with_context(|| format!("[tls] cert {}", t.cert.display()))?;
-                let key = std::fs::read(&t.key).with_context(|| format!("[tls] key {}", t.key.display()))?;
-                Some(qutemail_smtp::tls::server_config(&cert, &key).context("[tls]")?)
-            }
-            None => None,
-        };
+        let tls = server_tls.clone();
         let listeners = [
             (smtp.mx_listen, ListenerMode::Mx, Role::Mx, "smtp-mx"),
             (smtp.submission_listen, ListenerMode::Submission, Role::Submission, "smtp-submission"),
@@ -52,8 +81,14 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("[smtp] {name}"))?
                 .max_message_size(smtp.max_message_bytes)
                 .with_context(|| format!("[smtp] max_message_bytes for {name}"))?;
-            let host =
-                SiteMailHost::new(role, &config.site.domain, store.clone(), vault.clone(), queue.clone());
+            let host = SiteMailHost::new(
+                role,
+                &config.site.domain,
+                store.clone(),
+                vault.clone(),
+                queue.clone(),
+                events.clone(),
+            );
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("[smtp] cannot listen on {addr} ({name})"))?;
@@ -67,14 +102,6 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
             });
         }
     }
-    let server_tls = match &config.tls {
-        Some(t) => {
-            let cert = std::fs::read(&t.cert).with_context(|| format!("[tls] cert {}", t.cert.display()))?;
-            let key = std::fs::read(&t.key).with_context(|| format!("[tls] key {}", t.key.display()))?;
-            Some(qutemail_smtp::tls::server_config(&cert, &key).context("[tls]")?)
-        }
-        None => None,
-    };
     let mut pop3_server = None;
     if let Some(pop3) = &config.pop3 {
         let tls = server_tls.clone().context("[pop3] needs [tls]: POP3 logins happen only over TLS")?;
@@ -111,6 +138,9 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
     let _ = stop_tx.send(true);
     if let Some(p) = &pop3_server {
         p.shutdown();
+    }
+    if let Some(i) = &imap_server {
+        i.shutdown_handle().shutdown();
     }
     while tasks.join_next().await.is_some() {}
     store.close().await;

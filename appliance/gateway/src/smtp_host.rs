@@ -30,12 +30,20 @@ pub struct SiteMailHost {
     store: Store,
     vault: MailVault,
     queue: OutboundQueue,
+    events: Option<qutemail_imap::MailboxEvents>,
 }
 
 impl SiteMailHost {
-    /// A host for `role`.
-    pub fn new(role: Role, domain: &str, store: Store, vault: MailVault, queue: OutboundQueue) -> Arc<Self> {
-        Arc::new(Self { role, domain: domain.to_ascii_lowercase(), store, vault, queue })
+    /// A host for `role`; `events` wakes idling IMAP sessions after deliveries.
+    pub fn new(
+        role: Role,
+        domain: &str,
+        store: Store,
+        vault: MailVault,
+        queue: OutboundQueue,
+        events: Option<qutemail_imap::MailboxEvents>,
+    ) -> Arc<Self> {
+        Arc::new(Self { role, domain: domain.to_ascii_lowercase(), store, vault, queue, events })
     }
 
     fn is_local(&self, a: &Address) -> bool {
@@ -76,6 +84,9 @@ impl SiteMailHost {
                 tracing::error!(error = %e, "cannot store a message");
                 Refusal::new(451, EnhancedCode::new(4, 3, 0), "cannot store the message now; try again later")
             })?;
+        }
+        if let Some(e) = &self.events {
+            e.mailbox_changed();
         }
         if let Some(i) = &inbound {
             tracing::info!(from = %i.sender_domain, protection = %i.stored.protection, recipients = recipients.len(),
