@@ -113,6 +113,26 @@ fn alice_at_a_mails_bob_at_b_sealed_with_qkd_keys() {
     let body = clear.path().join("body.txt");
     std::fs::write(&body, format!("Dear Bob,\nthe figures are {}.\n", canaries[1])).unwrap();
 
+    // Bob is waiting in IMAP IDLE at B before Alice sends.
+    let b_site = demo.site("B").clone();
+    let idle_out = clear.path().join("idle.eml");
+    let mut idle = Command::new(python())
+        .arg(workspace_root().join("tests/clients/imap_idle_wait.py"))
+        .arg(b_site["gateway"]["imap"].as_str().unwrap())
+        .arg(b_site["gateway"]["tls_ca"].as_str().unwrap())
+        .arg(b_site["users"][0]["address"].as_str().unwrap())
+        .arg(b_site["users"][0]["password"].as_str().unwrap())
+        .arg(&idle_out)
+        .arg("120")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 with imapclient (QUTEMAIL_PYTHON)");
+    let mut idle_stdout = std::io::BufReader::new(idle.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut idle_stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "IDLING", "imapclient did not enter IDLE");
+
     let sent = clear.path().join("sent.eml");
     let refused =
         submit_keeping(&a, "bob@b.qutemail.test", &format!("figures {}", canaries[0]), &body, Some(&sent));
@@ -143,6 +163,13 @@ fn alice_at_a_mails_bob_at_b_sealed_with_qkd_keys() {
     assert!(text.contains("X-QKD-Algorithm: QKD-MLKEM768-HKDF-SHA256-AES256GCM-STREAM\r\n"), "{text}");
     assert!(text.contains("X-QKD-Certificate: verified; signed by a.qutemail.test"), "{text}");
     assert!(text.contains("link link-a-b"), "{text}");
+
+    // IDLE pushed it to Bob as it arrived, and it is the same message.
+    let status = idle.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut idle_stdout, &mut rest).unwrap();
+    assert!(status.success(), "IDLE saw no new mail: {rest}");
+    assert_eq!(&std::fs::read(&idle_out).unwrap(), got, "the message IDLE announced is the one POP3 gives");
 
     // The same message over IMAP (imaplib, STARTTLS): BODY[] is what POP3 gave.
     let over_imap = clear.path().join("imap");
