@@ -58,3 +58,4 @@ pub use proto::server::{
     TlsInfo,
 };
 pub use reply::{EnhancedCode, Reply, ReplyClass};
+pub use trace::rfc5322_date;

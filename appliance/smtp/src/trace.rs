@@ -49,8 +49,8 @@ pub(crate) fn received_header(
     header
 }
 
-/// `Thu, 26 Nov 2026 00:30:00 +0000`.
-pub(crate) fn rfc5322_date(now: SystemTime) -> String {
+/// An RFC 5322 date in UTC, e.g. `Thu, 26 Nov 2026 00:30:00 +0000`.
+pub fn rfc5322_date(now: SystemTime) -> String {
     let secs = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;

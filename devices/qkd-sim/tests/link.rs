@@ -48,6 +48,22 @@ struct Seen {
 /// one simulation step of the change.
 const IN_FLIGHT_MS: u64 = 250;
 
+/// Collects for 4 s after a fault that began at `fault_at` and fails if any block delivered
+/// was made after it (beyond [`IN_FLIGHT_MS`]). Returns the two collection windows.
+async fn watch_after_fault(dev: &mut SerialDevice, fault_at: u64, what: &str) -> (Seen, Seen) {
+    let drained = collect(dev, 100_000, Duration::from_secs(2)).await;
+    let during = collect(dev, 100_000, Duration::from_secs(2)).await;
+    let made_after: Vec<u64> = drained
+        .blocks
+        .iter()
+        .chain(&during.blocks)
+        .map(|b| b.created_unix_ms)
+        .filter(|t| *t > fault_at + IN_FLIGHT_MS)
+        .collect();
+    assert!(made_after.is_empty(), "keys made {what}: at {made_after:?}, fault from {fault_at}");
+    (drained, during)
+}
+
 fn now_unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -183,19 +199,7 @@ async fn a_fibre_cut_stops_keys_raises_an_alarm_and_mending_it_resumes() {
     let cut_at = now_unix_ms();
     sim.set_fibre_cut(true);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let drained = collect(&mut a, 100_000, Duration::from_secs(2)).await;
-    let during = collect(&mut a, 100_000, Duration::from_secs(2)).await;
-    let made_after: Vec<u64> = drained
-        .blocks
-        .iter()
-        .chain(&during.blocks)
-        .map(|b| b.created_unix_ms)
-        .filter(|t| *t > cut_at + IN_FLIGHT_MS)
-        .collect();
-    assert!(
-        made_after.is_empty(),
-        "keys kept coming through a cut fibre: made at {made_after:?}, cut at {cut_at}"
-    );
+    let (drained, during) = watch_after_fault(&mut a, cut_at, "through a cut fibre").await;
     let alarms: Vec<_> = drained.alarms.iter().chain(&during.alarms).copied().collect();
     assert!(alarms.contains(&(alarm_code::LOSS_OF_SIGNAL, true)), "{alarms:?}");
     assert!(during.states.contains(&LinkState::Down) || drained.states.contains(&LinkState::Down));
@@ -214,19 +218,7 @@ async fn an_eavesdropper_raises_the_qber_and_the_device_aborts() {
     let eve_at = now_unix_ms();
     sim.set_eavesdropper(0.5).unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let drained = collect(&mut a, 100_000, Duration::from_secs(2)).await;
-    let during = collect(&mut a, 100_000, Duration::from_secs(2)).await;
-    let made_after: Vec<u64> = drained
-        .blocks
-        .iter()
-        .chain(&during.blocks)
-        .map(|b| b.created_unix_ms)
-        .filter(|t| *t > eve_at + IN_FLIGHT_MS)
-        .collect();
-    assert!(
-        made_after.is_empty(),
-        "keys made while Eve intercepts half the pulses: {made_after:?} (Eve from {eve_at})"
-    );
+    let (drained, during) = watch_after_fault(&mut a, eve_at, "while Eve intercepts half the pulses").await;
     let alarms: Vec<_> = drained.alarms.iter().chain(&during.alarms).copied().collect();
     assert!(alarms.contains(&(alarm_code::QBER_THRESHOLD, true)), "{alarms:?}");
     let status = sim.status();
