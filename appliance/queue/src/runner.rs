@@ -276,7 +276,8 @@ impl OutboundQueue {
                         outcomes.push((id, QueueOutcome::Failed { status, reply, remote }));
                     }
                     NextStep::RetryIn(delay) => {
-                        let delay = if status == KEY_WAIT_STATUS { delay.min(s.key_wait_retry) } else { delay };
+                        let delay =
+                            if status == KEY_WAIT_STATUS { delay.min(s.key_wait_retry) } else { delay };
                         let warn = !a.recipient.warned
                             && s.retry.warning_due(age)
                             && wants(&a.recipient.notify, "DELAY");

@@ -4,12 +4,17 @@
 //! telemetry, alarms and connection changes into logs and metrics.
 //!
 //! Credit: while fewer than `low_water` blocks are stored (the pool's counts: unconfirmed and
-//! confirmed blocks of either owner, i.e. those still holding key material), the device is asked for enough blocks
-//! to reach `high_water` (counting blocks asked for and not yet delivered). Blocks beyond
-//! `max_blocks` are rejected (`pool_full`). No credit is given before the device has said who it
-//! is (`Connected`); a serial device that reports another link ID than the configured one gets
-//! none, and any block it still sends is rejected (`link_mismatch`), until it reconnects as the
-//! right link. A device that cannot be opened, or whose driver stops, is reopened after a
+//! confirmed blocks of either owner, i.e. those still holding key material — but at most twice
+//! the blocks this side owns, since its SAEs are served from its own half only:
+//! `KeyStore::credit_blocks`), the device is asked for enough blocks to reach `high_water`
+//! (counting blocks asked for and not yet delivered). Besides, when the peer kmd asked to
+//! confirm blocks not held here (`Kme::take_blocks_behind_peer`: its end of the link has read
+//! further), the device is asked for that many more whatever the water marks say, so that the
+//! two ends keep reading the same blocks. Blocks beyond `max_blocks` stored (either owner) are
+//! rejected (`pool_full`), and credit never asks beyond it. No credit is given before the device
+//! has said who it is (`Connected`); a serial device that reports another link ID than the
+//! configured one gets none, and any block it still sends is rejected (`link_mismatch`), until it
+//! reconnects as the right link. A device that cannot be opened, or whose driver stops, is reopened after a
 //! pause; the link shows `disconnected` meanwhile.
 
 use std::sync::Arc;
@@ -125,12 +130,30 @@ impl<'a> Session<'a> {
             return Ok(());
         }
         let limits = self.link.pool;
-        let stored =
-            self.store.stored_blocks(&self.link.id).await.map_err(|e| DeviceError::Config(e.to_string()))?;
+        let config = |e: crate::pool::StoreError| DeviceError::Config(e.to_string());
+        // The peer holds blocks this end has not read: read them (up to `max_blocks`) whatever
+        // the water marks say, or neither end can confirm them.
+        let behind = self.kme.take_blocks_behind_peer(&self.link.id).unwrap_or(0);
+        let all = self.store.stored_blocks(&self.link.id).await.map_err(config)?;
+        if behind > self.outstanding {
+            let room = limits.max_blocks.saturating_sub(all + self.outstanding);
+            let want = (behind - self.outstanding).min(room).min(u64::from(u32::MAX));
+            if want > 0 {
+                tracing::debug!(link = %self.link.id, behind, outstanding = self.outstanding, want,
+                    "the peer holds blocks not read here; asking the device for them");
+                self.device.request_blocks(want as u32).await?;
+                self.outstanding += want;
+            }
+        }
+        let stored = self.store.credit_blocks(&self.link.id).await.map_err(config)?;
         if stored >= limits.low_water || stored + self.outstanding >= limits.high_water {
             return Ok(());
         }
-        let want = (limits.high_water - stored - self.outstanding).min(u64::from(u32::MAX));
+        let room = limits.max_blocks.saturating_sub(all + self.outstanding);
+        let want = (limits.high_water - stored - self.outstanding).min(room).min(u64::from(u32::MAX));
+        if want == 0 {
+            return Ok(());
+        }
         tracing::debug!(link = %self.link.id, stored, outstanding = self.outstanding, want, "asking the device for key blocks");
         self.device.request_blocks(want as u32).await?;
         self.outstanding += want;

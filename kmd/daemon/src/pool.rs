@@ -108,7 +108,7 @@ impl KeyStore {
     }
 
     /// Blocks stored for the link that still hold key material (unconfirmed or confirmed, of
-    /// either owner): drives device credit and `max_blocks`.
+    /// either owner): bounded by `max_blocks`.
     pub async fn stored_blocks(&self, link: &str) -> Result<u64, StoreError> {
         let counts = self.inner.pool.counts(link).await?;
         Ok(counts
@@ -117,6 +117,30 @@ impl KeyStore {
             .filter(|b| matches!(b.state, BlockState::Unconfirmed | BlockState::Confirmed))
             .map(|b| b.blocks)
             .sum())
+    }
+
+    /// The link's stock as device credit sees it: the blocks that still hold key material, but
+    /// of the confirmed ones at most twice those this side owns. This side cuts keys for its
+    /// SAEs only from its own half of the blocks (the ownership split); when its SAEs drain that
+    /// half while the peer's SAEs leave theirs untouched, the stored blocks stay high and would
+    /// never earn credit, although this side has nothing left to serve. Unconfirmed blocks count
+    /// in full: they are not usable yet by either side.
+    pub async fn credit_blocks(&self, link: &str) -> Result<u64, StoreError> {
+        let counts = self.inner.pool.counts(link).await?;
+        let (mut unconfirmed, mut confirmed, mut owned) = (0u64, 0u64, 0u64);
+        for b in &counts.blocks {
+            match b.state {
+                BlockState::Unconfirmed => unconfirmed += b.blocks,
+                BlockState::Confirmed => {
+                    confirmed += b.blocks;
+                    if b.owned_here {
+                        owned += b.blocks;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(unconfirmed + confirmed.min(owned.saturating_mul(2)))
     }
 
     /// The link's key stock for the metrics: `available_keys` = the bits this kmd can still cut

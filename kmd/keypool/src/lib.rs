@@ -104,7 +104,7 @@ pub use pool::{KeyPool, PoolConfig};
 pub use types::{
     AcceptOutcome, BlockCheck, BlockCount, BlockMeta, BlockState, DeliveredKey, InsertOutcome,
     IntegrityReport, KeyCount, KeyGrant, KeyInfo, KeyOrigin, KeyState, LinkCounts, MAX_ID_LEN, MAX_KEY_BITS,
-    MAX_MATERIAL_BYTES, NewBlock, PairCount, PeerKey, SaeId, Segment, Side, Verdict, VerdictOutcome,
-    block_owner,
+    MAX_MATERIAL_BYTES, NewBlock, PairCount, PeerKey, ReserveRequest, SaeId, Segment, Side, Verdict,
+    VerdictOutcome, block_owner,
 };
 pub use zeroize::Zeroizing;

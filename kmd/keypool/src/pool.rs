@@ -382,19 +382,44 @@ impl KeyPool {
         count: u32,
         size_bits: u32,
     ) -> Result<Vec<KeyGrant>, PoolError> {
-        if size_bits == 0 || !size_bits.is_multiple_of(8) || size_bits > MAX_KEY_BITS {
-            return Err(PoolError::InvalidKeySize { size_bits, max_bits: MAX_KEY_BITS });
+        let request = ReserveRequest { master: master.clone(), slaves: slaves.to_vec(), count, size_bits };
+        let mut out = self.reserve_key_batch(link_id, vec![request]).await?;
+        out.pop().ok_or_else(|| PoolError::Internal("no outcome for a reservation".into()))?
+    }
+
+    /// [`Self::reserve_keys`] for several SAE requests at once, in one transaction (one disk
+    /// sync): the group commit of concurrent `enc_keys`. The requests are served in order, each
+    /// all or nothing; the answer has one entry per request: its keys, or why it got none
+    /// ([`PoolError::InvalidKeySize`], [`PoolError::Invalid`], or [`PoolError::Exhausted`] when
+    /// the material left after the requests before it cannot cover it). The outer error is a
+    /// failure of the whole batch (database, HSM): then nothing was reserved.
+    pub async fn reserve_key_batch(
+        &self,
+        link_id: &str,
+        requests: Vec<ReserveRequest>,
+    ) -> Result<Vec<Result<Vec<KeyGrant>, PoolError>>, PoolError> {
+        let max = self.inner.cfg.max_keys_per_call;
+        let checked: Vec<Result<ReserveRequest, PoolError>> = requests
+            .into_iter()
+            .map(|r| {
+                if r.size_bits == 0 || !r.size_bits.is_multiple_of(8) || r.size_bits > MAX_KEY_BITS {
+                    return Err(PoolError::InvalidKeySize { size_bits: r.size_bits, max_bits: MAX_KEY_BITS });
+                }
+                if r.count == 0 || r.count > max {
+                    return Err(PoolError::Invalid {
+                        what: "key count",
+                        reason: format!("{} keys asked; 1 to {max} per request", r.count),
+                    });
+                }
+                check_slaves(&r.slaves)?;
+                Ok(r)
+            })
+            .collect();
+        if checked.iter().all(Result::is_err) {
+            return Ok(checked.into_iter().map(|r| r.map(|_| Vec::new())).collect());
         }
-        if count == 0 || count > self.inner.cfg.max_keys_per_call {
-            return Err(PoolError::Invalid {
-                what: "key count",
-                reason: format!("{count} keys asked; 1 to {} per request", self.inner.cfg.max_keys_per_call),
-            });
-        }
-        check_slaves(slaves)?;
-        let (link_id, master, slaves) = (link_id.to_owned(), master.clone(), slaves.to_vec());
-        self.run(move |inner| async move { inner.reserve(link_id, master, slaves, count, size_bits).await })
-            .await
+        let link_id = link_id.to_owned();
+        self.run(move |inner| async move { inner.reserve(link_id, checked).await }).await
     }
 
     /// Stores keys that the peer kmd cut from blocks it owns: cuts the same bytes from the local
@@ -1117,25 +1142,41 @@ impl Inner {
         Ok(done)
     }
 
+    /// Cuts keys for every request that fits, in order, in one transaction (see
+    /// [`KeyPool::reserve_key_batch`]). `requests` already failed validation are passed through.
     async fn reserve(
         &self,
         link_id: String,
-        master: SaeId,
-        slaves: Vec<SaeId>,
-        count: u32,
-        size_bits: u32,
-    ) -> Result<Vec<KeyGrant>, PoolError> {
+        requests: Vec<Result<ReserveRequest, PoolError>>,
+    ) -> Result<Vec<Result<Vec<KeyGrant>, PoolError>>, PoolError> {
         let path = self.path();
-        let size = (size_bits / 8) as usize;
-        let needed = u64::from(count) * size as u64;
         let mut tx = self.write_tx().await?;
         let side = link_side(&mut tx, path, &link_id).await?;
         let available = owned_available(&mut tx, path, &link_id, side).await?;
-        if available < needed {
-            return Err(PoolError::Exhausted { requested_bits: needed * 8, available_bits: available * 8 });
+
+        // Which requests the owned material covers, in arrival order; each is all or nothing.
+        let mut remaining = available;
+        let mut plan: Vec<Result<ReserveRequest, PoolError>> = Vec::with_capacity(requests.len());
+        for r in requests {
+            plan.push(r.and_then(|req| {
+                let needed = u64::from(req.count) * u64::from(req.size_bits / 8);
+                if needed > remaining {
+                    return Err(PoolError::Exhausted {
+                        requested_bits: needed * 8,
+                        available_bits: remaining * 8,
+                    });
+                }
+                remaining -= needed;
+                Ok(req)
+            }));
+        }
+        let needed = available - remaining;
+        if needed == 0 {
+            tx.rollback().await?;
+            return Ok(plan.into_iter().map(|r| r.map(|_| Vec::new())).collect());
         }
 
-        // The oldest owned confirmed blocks that together cover the request.
+        // The oldest owned confirmed blocks that together cover the requests.
         let mut blocks: Vec<LiveBlock> = Vec::new();
         let mut got = 0u64;
         let mut after = 0i64;
@@ -1177,31 +1218,35 @@ impl Inner {
             }
         }
 
-        // Cut the keys, zeroing what is taken from the blocks' plaintext.
-        let mut keys: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(count as usize);
-        let mut key_segments: Vec<Vec<(usize, usize, usize)>> = Vec::with_capacity(count as usize); // (block idx, offset, len)
+        // Cut the keys of every planned request in order, zeroing what is taken from the
+        // blocks' plaintext.
+        let mut keys: Vec<Zeroizing<Vec<u8>>> = Vec::new();
+        let mut key_segments: Vec<Vec<(usize, usize, usize)>> = Vec::new(); // (block idx, offset, len)
         let mut bi = 0usize;
-        for _ in 0..count {
-            let mut key = Zeroizing::new(Vec::with_capacity(size));
-            let mut segs = Vec::new();
-            while key.len() < size {
-                let Some(b) = blocks.get_mut(bi) else {
-                    return Err(PoolError::Internal("ran out of loaded blocks while cutting".into()));
-                };
-                let avail = b.len - b.consumed;
-                if avail == 0 {
-                    bi += 1;
-                    continue;
+        for req in plan.iter().flatten() {
+            let size = (req.size_bits / 8) as usize;
+            for _ in 0..req.count {
+                let mut key = Zeroizing::new(Vec::with_capacity(size));
+                let mut segs = Vec::new();
+                while key.len() < size {
+                    let Some(b) = blocks.get_mut(bi) else {
+                        return Err(PoolError::Internal("ran out of loaded blocks while cutting".into()));
+                    };
+                    let avail = b.len - b.consumed;
+                    if avail == 0 {
+                        bi += 1;
+                        continue;
+                    }
+                    let take = avail.min(size - key.len());
+                    let range = b.consumed..b.consumed + take;
+                    key.extend_from_slice(&plain[bi][range.clone()]);
+                    plain[bi][range].fill(0);
+                    segs.push((bi, b.consumed, take));
+                    b.consumed += take;
                 }
-                let take = avail.min(size - key.len());
-                let range = b.consumed..b.consumed + take;
-                key.extend_from_slice(&plain[bi][range.clone()]);
-                plain[bi][range].fill(0);
-                segs.push((bi, b.consumed, take));
-                b.consumed += take;
+                keys.push(key);
+                key_segments.push(segs);
             }
-            keys.push(key);
-            key_segments.push(segs);
         }
 
         // Wrap keys and the zeroed remainders of partly used blocks in one go.
@@ -1216,40 +1261,61 @@ impl Inner {
         let erased = store_cut_blocks(&mut tx, path, &blocks, partial_blobs).await?;
         let now = now_ms();
 
-        let mut grants = Vec::with_capacity(keys.len());
-        for ((key, segs), blob) in keys.into_iter().zip(key_segments).zip(wrapped) {
-            let key_id = new_key_id()?;
-            let key_row = insert_key(
-                &mut tx,
-                path,
-                &link_id,
-                KeyOrigin::Local,
-                &key_id,
-                &master,
-                &slaves,
-                size_bits,
-                blob,
-                now,
-            )
-            .await?;
-            let mut segments = Vec::with_capacity(segs.len());
-            for (seq, (bi, offset, len)) in segs.into_iter().enumerate() {
-                let b = &blocks[bi];
-                insert_segment(&mut tx, path, key_row, seq, b.row, offset, len).await?;
-                segments.push(Segment {
-                    block_id: b.block_id.clone(),
-                    offset: offset as u32,
-                    len: len as u32,
+        let mut cut = keys.into_iter().zip(key_segments).zip(wrapped);
+        let mut out = Vec::with_capacity(plan.len());
+        for r in plan {
+            let req = match r {
+                Ok(req) => req,
+                Err(e) => {
+                    out.push(Err(e));
+                    continue;
+                }
+            };
+            let mut grants = Vec::with_capacity(req.count as usize);
+            for _ in 0..req.count {
+                let Some(((key, segs), blob)) = cut.next() else {
+                    return Err(PoolError::Internal("fewer keys cut than planned".into()));
+                };
+                let key_id = new_key_id()?;
+                let key_row = insert_key(
+                    &mut tx,
+                    path,
+                    &link_id,
+                    KeyOrigin::Local,
+                    &key_id,
+                    &req.master,
+                    &req.slaves,
+                    req.size_bits,
+                    blob,
+                    now,
+                )
+                .await?;
+                let mut segments = Vec::with_capacity(segs.len());
+                for (seq, (bi, offset, len)) in segs.into_iter().enumerate() {
+                    let b = &blocks[bi];
+                    insert_segment(&mut tx, path, key_row, seq, b.row, offset, len).await?;
+                    segments.push(Segment {
+                        block_id: b.block_id.clone(),
+                        offset: offset as u32,
+                        len: len as u32,
+                    });
+                }
+                grants.push(KeyGrant {
+                    assignment: PeerKey {
+                        key_id,
+                        master: req.master.clone(),
+                        slaves: req.slaves.clone(),
+                        segments,
+                    },
+                    key,
                 });
             }
-            grants.push(KeyGrant {
-                assignment: PeerKey { key_id, master: master.clone(), slaves: slaves.clone(), segments },
-                key,
-            });
+            out.push(Ok(grants));
         }
         tx.commit(erased).await?;
-        tracing::debug!(link = %link_id, master = %master, keys = count, size_bits, blocks = blocks.len(), "keys reserved");
-        Ok(grants)
+        tracing::debug!(link = %link_id, requests = out.len(), bytes = needed, blocks = blocks.len(),
+            "keys reserved");
+        Ok(out)
     }
 
     async fn accept_peer(&self, link_id: String, keys: Vec<PeerKey>) -> Result<AcceptOutcome, PoolError> {

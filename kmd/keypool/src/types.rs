@@ -321,6 +321,20 @@ impl PeerKey {
     }
 }
 
+/// One SAE request in a batched reservation ([`crate::KeyPool::reserve_key_batch`]): `count`
+/// keys of `size_bits` each for `master` → `slaves`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReserveRequest {
+    /// The master SAE (at this site).
+    pub master: SaeId,
+    /// The slave SAEs (at the peer site).
+    pub slaves: Vec<SaeId>,
+    /// How many keys.
+    pub count: u32,
+    /// Size of each key in bits.
+    pub size_bits: u32,
+}
+
 /// A key cut by [`crate::KeyPool::reserve_keys`]: its assignment (to send to the peer kmd)
 /// and its bytes (wiped on drop; never shown by `Debug`).
 pub struct KeyGrant {

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kmd_keypool::{
-    BlockState, KeyOrigin, KeyPool, KeyState, PeerKey, PoolError, Refusal, Segment, Side, Verdict, Zeroizing,
-    block_owner,
+    BlockState, KeyOrigin, KeyPool, KeyState, PeerKey, PoolError, Refusal, ReserveRequest, Segment, Side,
+    Verdict, Zeroizing, block_owner,
 };
 
 fn sizes() -> Vec<u32> {
@@ -838,6 +838,63 @@ fn links_keep_their_side_and_foreign_files_are_refused() {
             let meta = std::fs::metadata(env.db_path("a")).unwrap();
             use std::os::unix::fs::PermissionsExt;
             assert_eq!(meta.permissions().mode() & 0o077, 0, "the database is readable by others");
+        });
+    });
+}
+
+/// A batched reservation (kmd's group commit of concurrent `enc_keys`) is one transaction that
+/// serves its requests in order, each all or nothing: a request the material left after the
+/// earlier ones cannot cover fails alone, an invalid one fails alone, and the keys of the others
+/// are disjoint, accepted at the peer and fetched there with the same bytes.
+#[test]
+fn batched_reservation_serves_each_request_all_or_nothing() {
+    isolated("batched_reservation_serves_each_request_all_or_nothing", |env| {
+        runtime().block_on(async {
+            let a = env.site("a").await;
+            let b = env.site("b").await;
+            let (a_mail, b_mail) = (sae("A-mail"), sae("B-mail"));
+            feed(&[&a, &b], 0..20).await;
+            confirm(&a, &b).await;
+            let avail = a.counts(LINK).await.unwrap().available_bits_owned;
+            assert!(avail > 2048 && avail <= u64::from(kmd_keypool::MAX_KEY_BITS), "{avail} bits owned");
+            let request = |count, size_bits| ReserveRequest {
+                master: a_mail.clone(),
+                slaves: vec![b_mail.clone()],
+                count,
+                size_bits,
+            };
+            let batch = vec![request(2, 256), request(1, avail as u32), request(1, 7), request(3, 512)];
+            let mut out = a.reserve_key_batch(LINK, batch).await.unwrap().into_iter();
+
+            let first = out.next().unwrap().unwrap();
+            assert!(first.len() == 2 && first.iter().all(|g| g.key.len() == 32));
+            match out.next().unwrap() {
+                Err(PoolError::Exhausted { requested_bits, available_bits }) => {
+                    assert_eq!((requested_bits, available_bits), (avail, avail - 512))
+                }
+                other => panic!("the request for everything after the first: {other:?}"),
+            }
+            assert!(matches!(out.next().unwrap(), Err(PoolError::InvalidKeySize { size_bits: 7, .. })));
+            let last = out.next().unwrap().unwrap();
+            assert!(last.len() == 3 && last.iter().all(|g| g.key.len() == 64));
+            assert!(out.next().is_none());
+            assert_eq!(a.counts(LINK).await.unwrap().available_bits_owned, avail - 2 * 256 - 3 * 512);
+
+            let grants: Vec<_> = first.iter().chain(&last).collect();
+            assert_disjoint(grants.iter().map(|g| &g.assignment));
+            let outcome = b
+                .accept_peer_assignment(LINK, grants.iter().map(|g| g.assignment.clone()).collect())
+                .await
+                .unwrap();
+            assert_eq!(outcome.accepted, 5);
+            let ids: Vec<String> = grants.iter().map(|g| g.key_id().to_owned()).collect();
+            a.mark_delivered_for_encryption(&a_mail, ids.clone()).await.unwrap();
+            let fetched = b.take_for_decryption(&b_mail, &a_mail, ids).await.unwrap();
+            for (g, f) in grants.iter().zip(&fetched) {
+                assert_eq!((g.key_id(), &g.key[..]), (f.key_id.as_str(), &f.key[..]));
+            }
+            assert_integrity(&a).await;
+            assert_integrity(&b).await;
         });
     });
 }

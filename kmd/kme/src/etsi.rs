@@ -1,5 +1,6 @@
 //! The ETSI GS QKD 014 V1.1.1 router (clause 5) over the key pool and the peer channel.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -15,7 +16,7 @@ use kmd_keypool::{KeyGrant, PoolError, SaeId};
 
 use crate::client::PeerError;
 use crate::peer::{AcceptReply, AssignmentRequest, WireKey};
-use crate::{Endpoint, Inner, Kme, Link, PendingDiscard};
+use crate::{Endpoint, Inner, Kme, Link};
 
 /// The 503 message when the peer kmd did not durably accept the keys (doc § 5).
 pub(crate) const PEER_UNREACHABLE: &str = "peer KME unreachable";
@@ -34,7 +35,7 @@ impl FromRef<EtsiState> for SaeIdentityMap {
     }
 }
 
-fn internal(e: &dyn std::fmt::Display) -> ApiError {
+pub(crate) fn internal(e: &dyn std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "ETSI 014 request failed");
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, etsi014::ErrorBody::new("internal error"))
 }
@@ -71,7 +72,7 @@ impl Inner {
     }
 
     async fn enc_keys(
-        &self,
+        self: &Arc<Self>,
         master: &str,
         slave: &str,
         request: KeyRequest,
@@ -118,46 +119,7 @@ impl Inner {
         if !link.up.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(ApiError::service_unavailable(PEER_UNREACHABLE));
         }
-        let master_id = sae(master)?;
-        let grants = self.pool.reserve_keys(&link.id, &master_id, &slaves, number, size).await.map_err(
-            |e| match e {
-                PoolError::Exhausted { requested_bits, available_bits } => {
-                    ApiError::service_unavailable(EXHAUSTED)
-                        .with_detail("requested_bits", requested_bits)
-                        .with_detail("available_bits", available_bits)
-                }
-                PoolError::InvalidKeySize { .. } => ApiError::size_not_multiple_of_8(),
-                PoolError::Invalid { .. } => ApiError::parameters_not_adhering(),
-                e => internal(&e),
-            },
-        )?;
-        let key_ids: Vec<String> = grants.iter().map(|g| g.key_id().to_owned()).collect();
-        if let Err(e) = self.push_assignment(link, &grants).await {
-            tracing::warn!(link = %link.id, keys = key_ids.len(), error = %e,
-                "peer kmd did not accept an assignment; discarding the keys at both ends");
-            drop(grants);
-            if let Err(e) = self.pool.discard_keys(&link.id, key_ids.clone()).await {
-                tracing::error!(link = %link.id, error = %e, "cannot discard abandoned keys locally");
-            }
-            link.queue_discard(PendingDiscard {
-                key_ids,
-                block_ids: Vec::new(),
-                reason: "assignment not accepted before the master's request ended".into(),
-            });
-            return Err(ApiError::service_unavailable(PEER_UNREACHABLE));
-        }
-        if let Err(e) = self.pool.mark_delivered_for_encryption(&master_id, key_ids.clone()).await {
-            // The peer holds the keys but the SAE will not get them: withdraw them at both ends.
-            drop(grants);
-            let _ = self.pool.discard_keys(&link.id, key_ids.clone()).await;
-            link.queue_discard(PendingDiscard {
-                key_ids,
-                block_ids: Vec::new(),
-                reason: "master could not record the delivery".into(),
-            });
-            return Err(internal(&e));
-        }
-        self.observer.keys_served(&link.id, Endpoint::EncKeys, grants.len());
+        let grants = self.enc_keys_batched(link, sae(master)?, slaves, number, size).await?;
         Ok(KeyContainer {
             keys: grants
                 .into_iter()
@@ -170,8 +132,13 @@ impl Inner {
         })
     }
 
-    /// § 5 steps 2 and 4: POST the assignment; one retry after 100 ms on a retryable refusal.
-    async fn push_assignment(&self, link: &Link, grants: &[KeyGrant]) -> Result<AcceptReply, PeerError> {
+    /// § 5 steps 2 and 4: POST the assignment (every key of a batch, [`crate::batch`]); one
+    /// retry after 100 ms on a retryable refusal.
+    pub(crate) async fn push_assignment(
+        &self,
+        link: &Link,
+        grants: &[&KeyGrant],
+    ) -> Result<AcceptReply, PeerError> {
         let body = AssignmentRequest { keys: grants.iter().map(|g| WireKey::from(&g.assignment)).collect() };
         let path = format!("/peer/v1/links/{}/assignments", link.id);
         match link.client.post::<_, AcceptReply>(&path, &body).await {
@@ -241,7 +208,7 @@ async fn enc_keys_get(
             _ => {}
         }
     }
-    enc_keys_detached(&s.kme, caller, slave, request).await
+    enc_keys_for_caller(&s.kme, caller, slave, request).await
 }
 
 /// The `qutemail_link` key container extension: which link and KMEs made the keys, and the
@@ -263,19 +230,16 @@ fn link_extension(link: &Link, source_kme_id: &str, target_kme_id: &str) -> etsi
 /// Name of kmd's key container extension.
 pub const LINK_EXTENSION: &str = "qutemail_link";
 
-/// Runs `enc_keys` on its own task: an SAE that hangs up mid-request must not leave keys
-/// reserved (or accepted by the peer) but neither delivered nor discarded.
-async fn enc_keys_detached(
+/// `enc_keys` for `caller`. An SAE that hangs up mid-request cannot leave keys reserved (or
+/// accepted by the peer) but neither delivered nor discarded: once queued, its request is
+/// carried through by the batch's own task ([`crate::batch`]).
+async fn enc_keys_for_caller(
     kme: &Kme,
     caller: String,
     slave: String,
     request: KeyRequest,
 ) -> Result<JsonResponse<KeyContainer>, ApiError> {
-    let inner = kme.inner.clone();
-    tokio::spawn(async move { inner.enc_keys(&caller, &slave, request).await })
-        .await
-        .map_err(|e| internal(&e))?
-        .map(JsonResponse)
+    kme.inner.enc_keys(&caller, &slave, request).await.map(JsonResponse)
 }
 
 async fn enc_keys_post(
@@ -284,7 +248,7 @@ async fn enc_keys_post(
     SaeIdPath(slave): SaeIdPath,
     JsonBody(request): JsonBody<KeyRequest>,
 ) -> Result<JsonResponse<KeyContainer>, ApiError> {
-    enc_keys_detached(&s.kme, caller, slave, request).await
+    enc_keys_for_caller(&s.kme, caller, slave, request).await
 }
 
 async fn dec_keys_get(

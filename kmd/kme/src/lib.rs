@@ -11,14 +11,17 @@
 //!   of each QKD link ([`Kme::peer_router`]), the caller authenticated as that peer KME
 //!   (certificate subject CN = its KME ID, or a pinned SHA-256 fingerprint);
 //! - the **peer client and background tasks** ([`Kme::spawn_sync`]): block confirmation,
-//!   retried discards, status polling (peer up/down), and at start the discard of keys that
-//!   were reserved but never delivered before a restart;
+//!   retried discards (among them those of keys reserved but never delivered before a restart,
+//!   dropped by [`Kme::new`] before anything is served), status polling (peer up/down);
 //! - the **device feed** ([`Kme::accept_block`]).
 //!
 //! `enc_keys` follows § 5 of the peer protocol: reserve in the pool, push the assignment to the
 //! peer, and only once the peer has durably accepted it mark the keys delivered and answer the
 //! SAE. On a refusal, timeout or unreachable peer the keys are discarded at both ends and the
 //! SAE gets 503: no SAE ever holds an encryption key its peer cannot serve for decryption.
+//! Concurrent requests of one SAE pair are group-committed (`batch`): those arriving while a
+//! batch is in flight share the next one — one reservation, one assignment POST, one
+//! mark-delivered — and each gets its own keys; a batch the peer does not accept fails whole.
 //!
 //! Key bytes live only in [`zeroize::Zeroizing`] buffers and [`etsi014::KeyMaterial`]; they
 //! never appear in `Debug` output or logs. The daemon mounts the routers with
@@ -28,6 +31,7 @@
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+mod batch;
 mod client;
 mod etsi;
 mod peer;
@@ -330,9 +334,12 @@ pub(crate) struct Link {
     pub(crate) discards: std::sync::Mutex<std::collections::VecDeque<PendingDiscard>>,
     pub(crate) discard_wakeup: Notify,
     pub(crate) inserted_since_check: AtomicU64,
+    /// Unknown verdicts in the last block-check answered for the peer, until taken.
+    pub(crate) blocks_behind_peer: AtomicU64,
     pub(crate) check_wakeup: Notify,
     pub(crate) telemetry: std::sync::Mutex<Option<LinkTelemetry>>,
     pub(crate) retention: LinkRetention,
+    pub(crate) batcher: batch::EncBatcher,
 }
 
 impl Link {
@@ -412,9 +419,10 @@ fn parse_fingerprint(text: &str) -> Option<[u8; 32]> {
 }
 
 impl Kme {
-    /// Checks the settings, registers every link's side in the pool and builds the peer
-    /// clients. Call within a Tokio runtime. Reports nothing to an observer (see
-    /// [`Kme::with_observer`]).
+    /// Checks the settings, registers every link's side in the pool, builds the peer clients
+    /// and discards the keys reserved but never delivered before a restart
+    /// ([`Kme::discard_undelivered`]). Call within a Tokio runtime. Reports nothing to an
+    /// observer (see [`Kme::with_observer`]).
     pub async fn new(settings: KmeSettings, pool: KeyPool) -> Result<Kme, KmeError> {
         Self::with_observer(settings, pool, Arc::new(NoObserver)).await
     }
@@ -494,12 +502,14 @@ impl Kme {
                 discards: std::sync::Mutex::new(std::collections::VecDeque::new()),
                 discard_wakeup: Notify::new(),
                 inserted_since_check: AtomicU64::new(0),
+                blocks_behind_peer: AtomicU64::new(0),
                 check_wakeup: Notify::new(),
                 telemetry: std::sync::Mutex::new(None),
                 retention: l.retention,
+                batcher: batch::EncBatcher::default(),
             });
         }
-        Ok(Kme {
+        let kme = Kme {
             inner: Arc::new(Inner {
                 kme_id: s.kme_id,
                 key_size_default: s.key_size_default,
@@ -513,7 +523,17 @@ impl Kme {
                 links,
                 observer,
             }),
-        })
+        };
+        // Keys reserved before a restart and never marked delivered are dropped (and their
+        // discard queued for the peer) before any request is served: done later, it would race
+        // with new `enc_keys` and could withdraw keys an SAE has just received.
+        for link in &kme.inner.links {
+            match sync::discard_pending_local(&kme.inner, link).await? {
+                0 => {}
+                n => tracing::info!(link = %link.id, keys = n, "discarded keys reserved before the restart"),
+            }
+        }
+        Ok(kme)
     }
 
     /// This KME's ID.
@@ -540,6 +560,17 @@ impl Kme {
         {
             *t = Some(telemetry);
         }
+    }
+
+    /// How many blocks the peer of `link_id` last asked this side to confirm that this side
+    /// does not hold (verdict `unknown`), and resets the count: the peer has read that many
+    /// blocks from its device that this side has not read from its own yet. The daemon's device
+    /// credit adds them, so that both ends keep reading the same blocks even when one end's
+    /// stock is full (its SAEs idle) while the other's SAEs drain theirs, or after one end lost
+    /// the blocks in flight to a crash; otherwise neither end could confirm the other's newer
+    /// blocks until they expire unconfirmed. `None`: unknown link.
+    pub fn take_blocks_behind_peer(&self, link_id: &str) -> Option<u64> {
+        self.inner.link(link_id).map(|l| l.blocks_behind_peer.swap(0, Ordering::SeqCst))
     }
 
     /// Discards waiting for delivery to the peer of `link_id`.
@@ -584,7 +615,8 @@ impl Kme {
 
     /// Discards the keys this side reserved on `link_id` but never marked delivered (an
     /// `enc_keys` interrupted by a restart: its SAE never got them) and queues their discard for
-    /// the peer (§ 6). [`Kme::spawn_sync`] does this once at start. Returns how many keys.
+    /// the peer (§ 6). [`Kme::new`] does this for every link before the KME serves anything;
+    /// called while `enc_keys` are in flight it would also withdraw theirs. Returns how many keys.
     pub async fn discard_undelivered(&self, link_id: &str) -> Result<u64, KmeError> {
         let link = self.inner.link(link_id).ok_or_else(|| KmeError::UnknownLink(link_id.to_owned()))?;
         sync::discard_pending_local(&self.inner, link).await

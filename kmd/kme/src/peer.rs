@@ -233,6 +233,10 @@ async fn block_checks(
         PoolError::Invalid { .. } | PoolError::BlockConflict { .. } => ApiError::bad_request(e.to_string()),
         e => internal(&e),
     })?;
+    // Blocks the peer holds and this side has not read from its device yet: the device credit
+    // here must catch up, or neither side can ever confirm them (see `Kme::take_blocks_behind_peer`).
+    let unknown = verdicts.iter().filter(|(_, v)| *v == Verdict::Unknown).count() as u64;
+    link.blocks_behind_peer.store(unknown, std::sync::atomic::Ordering::SeqCst);
     Ok(JsonResponse(BlockCheckReply {
         verdicts: verdicts.into_iter().map(|(block_id, verdict)| WireVerdict { block_id, verdict }).collect(),
     }))

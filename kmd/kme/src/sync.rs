@@ -125,13 +125,6 @@ async fn poll_status(inner: &Inner, link: &Link) {
 
 async fn link_tasks(inner: Arc<Inner>, index: usize, mut stop: watch::Receiver<bool>) {
     let Some(link) = inner.links.get(index) else { return };
-    match discard_pending_local(&inner, link).await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(link = %link.id, keys = n, "discarded keys reserved before the restart"),
-        Err(e) => {
-            tracing::error!(link = %link.id, error = %e, "cannot discard keys reserved before the restart")
-        }
-    }
     let sync = inner.sync.clone();
     let checks = async {
         loop {
@@ -199,8 +192,8 @@ impl Kme {
     /// Starts the peer-channel background tasks of every link and returns at once; they stop
     /// when `shutdown` completes (await the handle to know they have).
     ///
-    /// At start each link discards the keys reserved but never marked delivered
-    /// (`KeyPool::pending_local_keys`) and queues their discard for the peer. Then, per link:
+    /// The discards of keys reserved but never marked delivered before a restart were queued by
+    /// [`Kme::new`]; they go out with the other queued discards. Per link:
     /// a block-check exchange every `block_check_interval` (sooner once `block_check_trigger`
     /// blocks arrived) followed by `discard_stale`; queued discards retried with back-off; the
     /// peer's status polled every `status_interval`, `down_after_failures` failures in a row

@@ -14,6 +14,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::net::{SocketAddr, TcpListener};
+
+use etsi014::client::{ClientOptions, Etsi014Client};
 use etsi014::pki::{Ca, Issued};
 
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -399,4 +402,71 @@ pub fn promtool_check(exposition: &str) {
         out.status.success() && said.trim().is_empty(),
         "promtool check metrics failed:\n{said}\n--- exposition:\n{exposition}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two sites on one simulated link
+
+/// A fast simulated link (10 km, 1 GHz, 921,600 baud, 256-byte blocks).
+pub fn fast_link() -> qkd_sim::SimConfig {
+    let mut c = qkd_sim::SimConfig::default();
+    c.physics.distance_km = 10.0;
+    c.physics.pulse_rate_hz = 1e9;
+    c.blocks.sifted_bits_per_block = 4096;
+    c.blocks.max_key_bytes = 256;
+    c.serial.baud_rate = 921_600;
+    c.telemetry_interval_s = 0.2;
+    c.seed = Some(23);
+    c
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The configuration of one site: `local`/`remote` SAE, its end of the link, the peer's port.
+#[allow(clippy::too_many_arguments)]
+pub fn site_config(
+    site: &Site,
+    kme_id: &str,
+    peer_kme_id: &str,
+    local: &str,
+    remote: &str,
+    pty: &str,
+    own_peer_port: u16,
+    peer_port: u16,
+) -> String {
+    let extra = format!(
+        r#"
+[[link]]
+id = "qkd-link-1"
+peer_kme_id = "{peer_kme_id}"
+peer_url = "https://localhost:{peer_port}"
+peer_sae_ids = ["{remote}"]
+device = {{ serial = {{ path = "{pty}", baud_rate = 921600 }} }}
+
+[link.pool]
+max_blocks = 512
+low_water = 64
+high_water = 256
+
+[peer]
+listen = "127.0.0.1:{own_peer_port}"
+ca_cert = "ca.pem"
+server_cert = "kmd.pem"
+server_key = "kmd.key"
+client_cert = "peer.pem"
+client_key = "peer.key"
+"#
+    );
+    site.config(&extra).replace("\nkme_id = \"KME-A\"", &format!("\nkme_id = \"{kme_id}\"")).replace(
+        "sae_id = \"A-mail\"\ncommon_name = \"A-mail\"\nlinks = []",
+        &format!("sae_id = \"{local}\"\ncommon_name = \"{local}\"\nlinks = [\"qkd-link-1\"]"),
+    )
+}
+
+pub fn sae_client(site: &Site, ca_pem: &str, addr: SocketAddr, cn: &str) -> Etsi014Client {
+    let tls = site.client(cn).tls(ca_pem);
+    let options = ClientOptions { timeout: Duration::from_secs(20), ..ClientOptions::default() };
+    Etsi014Client::with_options(&format!("https://localhost:{}", addr.port()), tls, options).unwrap()
 }
