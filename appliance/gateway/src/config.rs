@@ -211,7 +211,18 @@ impl GatewayConfig {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let mut config: GatewayConfig = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
-            ConfigError::Invalid { path: path.into(), line, column, message: e.message().to_owned() }
+            // Name the key the problem is on (the line's `key = value`), as kmd's errors do.
+            let key = text
+                .lines()
+                .nth(line - 1)
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim())
+                .filter(|k| !k.is_empty() && !k.starts_with('['));
+            let message = match key {
+                Some(k) => format!("key `{k}`: {}", e.message()),
+                None => e.message().to_owned(),
+            };
+            ConfigError::Invalid { path: path.into(), line, column, message }
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let anchor = |p: &mut PathBuf| {
@@ -304,11 +315,12 @@ site_card = "peers/b.json"
         let text = GOOD.replace("sae_id = \"A-mail\"", "sae_id = \"A-mail\"\nsae_secret = 1");
         let e = GatewayConfig::parse(&text, Path::new("/etc/q.toml")).unwrap_err().to_string();
         assert!(e.starts_with("/etc/q.toml:9:1: "), "{e}");
-        assert!(e.contains("unknown field `sae_secret`"), "{e}");
+        assert!(e.contains("key `sae_secret`: unknown field `sae_secret`"), "{e}");
         let text = GOOD
             .replace("[policy]", "")
             .replace("[[peer]]", "[policy]\nlinked_default = \"quantum\"\n[[peer]]");
         let e = GatewayConfig::parse(&text, Path::new("/etc/q.toml")).unwrap_err().to_string();
-        assert!(e.contains(":24:") && e.contains("quantum"), "{e}");
+        assert!(e.starts_with("/etc/q.toml:20:18: key `linked_default`: "), "{e}");
+        assert!(e.contains("quantum"), "{e}");
     }
 }
