@@ -266,7 +266,7 @@ impl MailVault {
                 }
             }
         };
-        let mode = mode_of(protection);
+        let mode = mode_of(protection).ok_or(VaultError::NotSealable(protection))?;
         let vault = self.clone();
         let sender_domain = self.domain().to_owned();
         let otp_max = s.policy.otp_max_bytes;
@@ -577,12 +577,14 @@ fn link_info(link: &LinkContext) -> LinkInfo {
     }
 }
 
-fn mode_of(p: Protection) -> Mode {
+/// The envelope mode of a protection (`normal` mail is not sealed in transit).
+fn mode_of(p: Protection) -> Option<Mode> {
     match p {
-        Protection::Hybrid => Mode::Hybrid,
-        Protection::Qaes => Mode::Qaes,
-        Protection::Otp => Mode::Otp,
-        Protection::Pqc | Protection::Normal => Mode::Pqc,
+        Protection::Hybrid => Some(Mode::Hybrid),
+        Protection::Qaes => Some(Mode::Qaes),
+        Protection::Otp => Some(Mode::Otp),
+        Protection::Pqc => Some(Mode::Pqc),
+        Protection::Normal => None,
     }
 }
 
