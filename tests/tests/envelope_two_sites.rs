@@ -76,6 +76,17 @@ allow_pqc_fallback = true
     text
 }
 
+/// `qutemail cert verify`: the offline check anyone holding the sender's card can run.
+fn cert_verify(qutemail: &Path, sealed: &Path, sender_card: &Path) -> Output {
+    Command::new(qutemail)
+        .args(["cert", "verify", "--message"])
+        .arg(sealed)
+        .arg("--sender-card")
+        .arg(sender_card)
+        .output()
+        .expect("running qutemail cert verify")
+}
+
 fn ok(out: &Output, what: &str) -> String {
     assert!(
         out.status.success(),
@@ -196,17 +207,7 @@ fn sealed_at_a_opened_at_b_in_every_mode() {
         }
 
         // Anyone holding A's public card can check the certificate offline, with no key.
-        let out = Command::new(&qutemail)
-            .args([
-                "cert",
-                "verify",
-                "--message",
-                sealed.to_str().unwrap(),
-                "--sender-card",
-                a.card.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
+        let out = cert_verify(&qutemail, &sealed, &a.card);
         let text = ok(&out, &format!("cert verify {what}"));
         assert!(text.contains("VERIFIED") && text.contains(&format!("mode          {mode}")), "{text}");
         if *mode != "pqc" {
@@ -289,32 +290,12 @@ fn sealed_at_a_opened_at_b_in_every_mode() {
             what,
         );
         assert!(text.to_lowercase().contains("not verifiable"), "{what}: {text}");
-        let out = Command::new(&qutemail)
-            .args([
-                "cert",
-                "verify",
-                "--message",
-                sealed.to_str().unwrap(),
-                "--sender-card",
-                a.card.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
+        let out = cert_verify(&qutemail, &sealed, &a.card);
         assert!(failed(&out, what).contains("NOT VERIFIABLE"));
     }
     // A certificate checked against another site's key (a forgery claim) is not verifiable.
     let sealed = work.path().join("sealed-0.eml");
-    let out = Command::new(&qutemail)
-        .args([
-            "cert",
-            "verify",
-            "--message",
-            sealed.to_str().unwrap(),
-            "--sender-card",
-            b.card.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let out = cert_verify(&qutemail, &sealed, &b.card);
     assert!(failed(&out, "verify with the wrong site's card").contains("NOT VERIFIABLE"));
 
     // No canary on any disk the gateways, the kmds or the HSM tokens wrote.
