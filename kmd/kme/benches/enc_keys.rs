@@ -27,11 +27,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{LINK, Pki, TestEnv, block_bytes, init_tokens, require_softhsm, runtime, two_sites};
+use common::{LINK, Pki, TestEnv, block_bytes, init_tokens, runtime, two_sites};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use etsi014::client::Etsi014Client;
 use kmd_keypool::{BlockMeta, NewBlock, Side, Zeroizing, block_owner};
 use kmd_kme::Kme;
+use qutemail_hsm::testing::require_softhsm;
 use sha2::{Digest, Sha256};
 
 /// Block size fed to both sites (a typical device block).
@@ -141,7 +142,7 @@ fn enc_keys(c: &mut Criterion) {
     // SAFETY: set before any thread of this process reads the environment (SoftHSM reads it
     // when the HSM is first opened, below).
     unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
-    let env = TestEnv { pin_file: dir.join("user.pin"), dir };
+    let env = TestEnv { token_dir: dir.join("tokens"), pin_file: dir.join("user.pin"), dir };
     let rt = runtime();
     let pki = Pki::new();
     let (a, b) = rt.block_on(two_sites(&env, &pki, 10));

@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,87 +25,24 @@ use qutemail_hsm::{HsmConfig, HsmKeyWrapper, PinSource, TokenSelector};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
-pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-pub const USER_PIN: &str = "user-pin-1234";
-pub const SO_PIN: &str = "so-pin-5678";
+pub use qutemail_hsm::testing::{SOFTHSM_MODULE, SoftHsmEnv as TestEnv};
+
+/// The two sites' SoftHSM tokens.
+const TOKENS: [&str; 2] = ["site-a", "site-b"];
 pub const LINK: &str = "link-ab";
 pub const KME_A: &str = "kme-A";
 pub const KME_B: &str = "kme-B";
 
-const CHILD_VAR: &str = "KMD_KME_TEST_CHILD";
-const DIR_VAR: &str = "KMD_KME_TEST_DIR";
-
-pub struct TestEnv {
-    pub dir: PathBuf,
-    pub pin_file: PathBuf,
-}
-
-pub fn require_softhsm() {
-    assert!(
-        Path::new(SOFTHSM_MODULE).is_file(),
-        "SoftHSM2 is not installed: {SOFTHSM_MODULE} is missing. Install it with `apt-get install -y softhsm2` \
-         (`cargo xtask test` does)."
-    );
-}
-
-/// Runs `body` for test `name` in a fresh process with tokens `site-a` and `site-b`.
+/// Runs `body` for test `name` in a fresh process with tokens `site-a` and `site-b`
+/// (`qutemail_hsm::testing::isolated`).
 pub fn isolated(name: &str, body: impl FnOnce(&TestEnv)) {
-    if let Ok(child) = std::env::var(CHILD_VAR) {
-        assert_eq!(child, name, "child process ran the wrong test");
-        let dir = PathBuf::from(std::env::var(DIR_VAR).expect("test dir"));
-        let env = TestEnv { pin_file: dir.join("user.pin"), dir };
-        body(&env);
-        return;
-    }
-    require_softhsm();
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().to_path_buf();
-    let conf = init_tokens(&dir);
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new(exe)
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env("SOFTHSM2_CONF", &conf)
-        .env(CHILD_VAR, name)
-        .env(DIR_VAR, &dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    print!("{stdout}");
-    eprint!("{stderr}");
-    assert!(out.status.success(), "test {name} failed in its SoftHSM child process");
-    assert!(stdout.contains("test result: ok. 1 passed"), "the child process did not run test {name}");
+    qutemail_hsm::testing::isolated(name, &TOKENS, body)
 }
 
 /// Creates tokens `site-a` and `site-b` in `dir/tokens` and the PIN file `dir/user.pin`;
 /// returns the SoftHSM2 configuration file to point `SOFTHSM2_CONF` at.
 pub fn init_tokens(dir: &Path) -> PathBuf {
-    let token_dir = dir.join("tokens");
-    std::fs::create_dir(&token_dir).unwrap();
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-            token_dir.display()
-        ),
-    )
-    .unwrap();
-    for label in ["site-a", "site-b"] {
-        let out = Command::new("softhsm2-util")
-            .args(["--init-token", "--free", "--label", label, "--pin", USER_PIN, "--so-pin", SO_PIN])
-            .env("SOFTHSM2_CONF", &conf)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "softhsm2-util --init-token failed: {out:?}");
-    }
-    let pin_file = dir.join("user.pin");
-    std::fs::write(&pin_file, format!("{USER_PIN}\n")).unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    conf
+    qutemail_hsm::testing::init_tokens(dir, &TOKENS)
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
