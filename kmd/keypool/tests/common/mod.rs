@@ -1,15 +1,14 @@
 //! Test harness: every test runs in its own process against its own SoftHSM2 token directory
 //! (holding one token per simulated site), with its own scratch directory for the databases.
 //!
-//! Adapted from `hsm/tests/common/mod.rs` (copied, not shared: no crate depends on another's
-//! test code). SoftHSM2 reads `SOFTHSM2_CONF` once per process, so each `#[test]` re-executes
-//! the test binary for just itself (`<test> --exact`) with the variable set on the child only.
+//! The tokens and the per-test process come from `qutemail_hsm::testing` (SoftHSM2 reads
+//! `SOFTHSM2_CONF` once per process, so each `#[test]` re-executes the test binary for just
+//! itself with the variable set on the child only).
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use kmd_keypool::{
     BlockMeta, KeyPool, NewBlock, PeerKey, PoolConfig, SaeId, Side, Verdict, VerdictOutcome, Zeroizing,
@@ -17,15 +16,10 @@ use kmd_keypool::{
 use qutemail_hsm::{HsmConfig, HsmKeyWrapper, PinSource, TokenSelector};
 use sha2::{Digest, Sha256};
 
-pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub use qutemail_hsm::testing::SOFTHSM_MODULE;
 pub const SITE_A_TOKEN: &str = "site-a";
 pub const SITE_B_TOKEN: &str = "site-b";
-pub const USER_PIN: &str = "user-pin-1234";
-pub const SO_PIN: &str = "so-pin-5678";
 pub const LINK: &str = "link-ab";
-
-const CHILD_VAR: &str = "KMD_KEYPOOL_TEST_CHILD";
-const DIR_VAR: &str = "KMD_KEYPOOL_TEST_DIR";
 
 /// What a test body gets.
 pub struct TestEnv {
@@ -71,79 +65,12 @@ impl TestEnv {
     }
 }
 
-fn set_mode_0600(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-/// Fails (never skips) when SoftHSM2 is missing.
-pub fn require_softhsm() {
-    assert!(
-        Path::new(SOFTHSM_MODULE).is_file(),
-        "SoftHSM2 is not installed: {SOFTHSM_MODULE} is missing. Install it with `apt-get install -y softhsm2` \
-         (`cargo xtask test` does)."
-    );
-}
-
-/// True in the child process that runs a test body.
-pub fn in_child() -> bool {
-    std::env::var_os(CHILD_VAR).is_some()
-}
-
 /// Runs `body` for test `name` (the test function's name) in a fresh process with a fresh
 /// token directory holding the tokens `site-a` and `site-b`.
 pub fn isolated(name: &str, body: impl FnOnce(&TestEnv)) {
-    if let Ok(child) = std::env::var(CHILD_VAR) {
-        assert_eq!(child, name, "child process ran the wrong test");
-        let dir = PathBuf::from(std::env::var(DIR_VAR).expect("test dir"));
-        let env = TestEnv { token_dir: dir.join("tokens"), pin_file: dir.join("user.pin"), dir };
-        body(&env);
-        return;
-    }
-
-    require_softhsm();
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().to_path_buf();
-    let token_dir = dir.join("tokens");
-    std::fs::create_dir(&token_dir).unwrap();
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-            token_dir.display()
-        ),
-    )
-    .unwrap();
-    for label in [SITE_A_TOKEN, SITE_B_TOKEN] {
-        let out = Command::new("softhsm2-util")
-            .args(["--init-token", "--free", "--label", label, "--pin", USER_PIN, "--so-pin", SO_PIN])
-            .env("SOFTHSM2_CONF", &conf)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "softhsm2-util --init-token failed: {out:?}");
-    }
-    let pin_file = dir.join("user.pin");
-    std::fs::write(&pin_file, format!("{USER_PIN}\n")).unwrap();
-    set_mode_0600(&pin_file);
-
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new(exe)
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env("SOFTHSM2_CONF", &conf)
-        .env(CHILD_VAR, name)
-        .env(DIR_VAR, &dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    print!("{stdout}");
-    eprint!("{stderr}");
-    assert!(out.status.success(), "test {name} failed in its SoftHSM child process");
-    assert!(
-        stdout.contains("test result: ok. 1 passed"),
-        "the child process did not run test {name} (filter mismatch?)"
-    );
+    qutemail_hsm::testing::isolated(name, &[SITE_A_TOKEN, SITE_B_TOKEN], |e| {
+        body(&TestEnv { dir: e.dir.clone(), token_dir: e.token_dir.clone(), pin_file: e.pin_file.clone() })
+    })
 }
 
 /// A multi-threaded runtime for a test body (2 workers, like the target machine).
