@@ -29,7 +29,7 @@ fn a_valid_configuration_is_summarised() {
         assert!(stdout.contains(line), "{line:?} missing:\n{stdout}");
     }
     assert!(stdout.contains(&format!("PIN from file {}", site.pin_file.display())), "{stdout}");
-    assert!(!stdout.contains(common::USER_PIN), "the PIN itself is never printed");
+    assert!(!stdout.contains(qutemail_hsm::testing::USER_PIN), "the PIN itself is never printed");
 }
 
 #[test]

@@ -103,7 +103,10 @@ fn wrong_pin_fails_closed_before_ready() {
         "{log}"
     );
     assert!(log.contains("token labelled \"kmd-test\""), "the HsmError names the token: {log}");
-    assert!(!log.contains("not-the-pin") && !log.contains(common::USER_PIN), "a PIN was logged: {log}");
+    assert!(
+        !log.contains("not-the-pin") && !log.contains(qutemail_hsm::testing::USER_PIN),
+        "a PIN was logged: {log}"
+    );
     assert!(!kmd.notes().iter().any(|(_, n)| n.contains("READY=1")), "{:?}", kmd.notes());
     assert!(
         kmd.notes().iter().any(|(_, n)| n.contains("STATUS=failed: cannot open the HSM")),

@@ -21,8 +21,6 @@ use etsi014::pki::{Ca, Issued};
 
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 pub const TOKEN_LABEL: &str = "kmd-test";
-pub const USER_PIN: &str = "kmd-user-pin-8361";
-pub const SO_PIN: &str = "kmd-so-pin-2297";
 
 pub fn kmd() -> &'static str {
     env!("CARGO_BIN_EXE_kmd")
@@ -56,24 +54,9 @@ impl Site {
         require_softhsm();
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
+        let softhsm_conf = qutemail_hsm::testing::init_tokens(&root, &[TOKEN_LABEL]);
         let token_dir = root.join("tokens");
-        std::fs::create_dir(&token_dir).unwrap();
-        let softhsm_conf = root.join("softhsm2.conf");
-        std::fs::write(
-            &softhsm_conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-                token_dir.display()
-            ),
-        )
-        .unwrap();
-        let out = Command::new("softhsm2-util")
-            .args(["--init-token", "--free", "--label", TOKEN_LABEL, "--pin", USER_PIN, "--so-pin", SO_PIN])
-            .env("SOFTHSM2_CONF", &softhsm_conf)
-            .output()
-            .expect("softhsm2-util (apt-get install -y softhsm2)");
-        assert!(out.status.success(), "softhsm2-util --init-token failed: {out:?}");
-        let pin_file = write_private(&root.join("hsm.pin"), &format!("{USER_PIN}\n"));
+        let pin_file = root.join("user.pin");
 
         let ca = Ca::new("kmd test site CA").unwrap();
         let ca_cert = root.join("ca.pem");
