@@ -606,49 +606,43 @@ impl Store {
         let address = normalize_address(address)?;
         check_password(password)?;
         let hash = password::hash_blocking(self.inner.cfg.password, password).await?;
-        let mut tx = self.write().await?;
-        let n = sqlx::query("UPDATE accounts SET password_hash = $1 WHERE address = $2")
-            .bind(hash)
-            .bind(&address)
-            .execute(&mut **tx)
-            .await
-            .db(self.b())?
-            .rows_affected();
-        if n == 0 {
-            return Err(StoreError::NoSuchAccount(address));
-        }
-        self.commit(tx).await
+        self.update_account(
+            address,
+            sqlx::query("UPDATE accounts SET password_hash = $1 WHERE address = $2").bind(hash),
+        )
+        .await
     }
 
     /// Disables or re-enables an account.
     pub async fn set_disabled(&self, address: &str, disabled: bool) -> Result<(), StoreError> {
         let address = normalize_address(address)?;
-        let mut tx = self.write().await?;
-        let n = sqlx::query("UPDATE accounts SET disabled = $1 WHERE address = $2")
-            .bind(i64::from(disabled))
-            .bind(&address)
-            .execute(&mut **tx)
-            .await
-            .db(self.b())?
-            .rows_affected();
-        if n == 0 {
-            return Err(StoreError::NoSuchAccount(address));
-        }
-        self.commit(tx).await
+        self.update_account(
+            address,
+            sqlx::query("UPDATE accounts SET disabled = $1 WHERE address = $2").bind(i64::from(disabled)),
+        )
+        .await
     }
 
     /// Sets the quota (`None`: unlimited). Existing mail is kept even if above it.
     pub async fn set_quota(&self, address: &str, quota_bytes: Option<u64>) -> Result<(), StoreError> {
         let address = normalize_address(address)?;
         let quota = quota_bytes.map(|q| int(q, "quota")).transpose()?;
+        self.update_account(
+            address,
+            sqlx::query("UPDATE accounts SET quota_bytes = $1 WHERE address = $2").bind(quota),
+        )
+        .await
+    }
+
+    /// Runs `update` (one account column as `$1`) on the account `address` (bound as `$2`);
+    /// an address with no account is [`StoreError::NoSuchAccount`].
+    async fn update_account(
+        &self,
+        address: String,
+        update: sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>,
+    ) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
-        let n = sqlx::query("UPDATE accounts SET quota_bytes = $1 WHERE address = $2")
-            .bind(quota)
-            .bind(&address)
-            .execute(&mut **tx)
-            .await
-            .db(self.b())?
-            .rows_affected();
+        let n = update.bind(address.clone()).execute(&mut **tx).await.db(self.b())?.rows_affected();
         if n == 0 {
             return Err(StoreError::NoSuchAccount(address));
         }
