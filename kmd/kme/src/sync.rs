@@ -50,23 +50,23 @@ pub(crate) async fn exchange_block_checks(inner: &Inner, link: &Link) -> Result<
 pub(crate) async fn flush_discards(link: &Link) -> Result<(), KmeError> {
     let path = format!("/peer/v1/links/{}/discards", link.id);
     loop {
-        let next = link.discards.lock().ok().and_then(|mut q| q.pop_front());
+        // Peek, not pop: the discard stays counted as pending until the peer has applied it, so
+        // `pending_discards() == 0` means the peer really dropped the keys.
+        let next = link.discards.lock().ok().and_then(|q| q.front().cloned());
         let Some(d) = next else { return Ok(()) };
         let body = DiscardRequest {
             key_ids: d.key_ids.clone(),
             block_ids: d.block_ids.clone(),
             reason: d.reason.clone(),
         };
-        match link.client.post::<_, DiscardReply>(&path, &body).await {
-            Ok(reply) => {
-                tracing::debug!(link = %link.id, keys = reply.discarded_keys, blocks = reply.discarded_blocks,
-                    "peer applied a discard");
-            }
-            Err(e) => {
-                if let Ok(mut q) = link.discards.lock() {
-                    q.push_front(d);
-                }
-                return Err(e.into());
+        let reply = link.client.post::<_, DiscardReply>(&path, &body).await?;
+        tracing::debug!(link = %link.id, keys = reply.discarded_keys, blocks = reply.discarded_blocks,
+            "peer applied a discard");
+        if let Ok(mut q) = link.discards.lock() {
+            // Only this task (or an explicit flush) sends discards; the front is still `d`
+            // unless a concurrent flush already removed it.
+            if q.front().is_some_and(|f| f.key_ids == d.key_ids && f.block_ids == d.block_ids) {
+                q.pop_front();
             }
         }
     }
