@@ -28,11 +28,18 @@ pub struct LiveDemo {
     /// `state.json`, as the demo wrote it.
     pub state: serde_json::Value,
     child: Option<std::process::Child>,
+    /// Held while the demo runs: the demo listens on fixed ports, so two test processes (or two
+    /// engineers' test runs on one machine) take turns instead of colliding.
+    _ports: std::fs::File,
 }
 
 impl LiveDemo {
     /// Starts the demo and waits (up to 300 s, first builds included) for its `state.json`.
+    /// Waits first, without a limit, while another `LiveDemo` on this machine holds the ports.
     pub fn start() -> LiveDemo {
+        let ports = std::fs::File::create(std::env::temp_dir().join("qutemail-demo-ports.lock"))
+            .expect("creating the demo ports lock file");
+        ports.lock().expect("locking the demo ports");
         let dir = tempfile::tempdir().expect("temporary directory");
         let state_path = dir.path().join("state.json");
         let log = std::fs::File::create(dir.path().join("demo.out")).expect("demo.out");
@@ -60,7 +67,7 @@ impl LiveDemo {
             assert!(std::time::Instant::now() < deadline, "no state.json within 300 s");
             std::thread::sleep(std::time::Duration::from_millis(200));
         };
-        LiveDemo { dir, state, child: Some(child) }
+        LiveDemo { dir, state, child: Some(child), _ports: ports }
     }
 
     /// Site `name` ("A" or "B") of `state.json`.

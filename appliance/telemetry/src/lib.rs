@@ -1,0 +1,1 @@
+//! The mail gateway's Prometheus metrics (work in progress).
