@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod browser;
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
@@ -64,7 +66,13 @@ impl LiveDemo {
                     std::fs::read_to_string(dir.path().join("demo.out")).unwrap_or_default()
                 );
             }
-            assert!(std::time::Instant::now() < deadline, "no state.json within 300 s");
+            if std::time::Instant::now() >= deadline {
+                // Stop it (SIGINT, as Ctrl-C): left running, it would hold the fixed ports after
+                // this process has released the lock.
+                let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+                let _ = child.wait();
+                panic!("no state.json within 300 s");
+            }
             std::thread::sleep(std::time::Duration::from_millis(200));
         };
         LiveDemo { dir, state, child: Some(child), _ports: ports }

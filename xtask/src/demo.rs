@@ -77,6 +77,17 @@ struct SiteState {
     hsm: HsmState,
     gateway: GatewayState,
     users: Vec<UserState>,
+    /// The site's webmail and REST API.
+    web: WebState,
+}
+
+/// The site's web side (`[web]` of the gateway): webmail, admin console and REST API.
+#[derive(Serialize)]
+struct WebState {
+    /// e.g. `https://127.0.0.1:8443/`.
+    url: String,
+    /// CA certificate that verifies the web server's certificate.
+    tls_ca: PathBuf,
 }
 
 /// The site's mail gateway (`qutemail serve`).
@@ -92,6 +103,8 @@ struct GatewayState {
     pop3s: String,
     imap: String,
     imaps: String,
+    /// The gateway's Prometheus metrics, e.g. `http://127.0.0.1:9471/metrics`.
+    metrics: String,
 }
 
 /// A demo mail account.
@@ -143,6 +156,8 @@ struct SiteSpec {
     pop3s_port: u16,
     imap_port: u16,
     imaps_port: u16,
+    gateway_metrics_port: u16,
+    web_port: u16,
     user: (&'static str, &'static str),
 }
 
@@ -164,6 +179,8 @@ const SITES: [SiteSpec; 2] = [
         pop3s_port: 9950,
         imap_port: 1430,
         imaps_port: 9930,
+        gateway_metrics_port: 9471,
+        web_port: 8443,
         user: ("alice@a.qutemail.test", "alice-demo-password"),
     },
     SiteSpec {
@@ -183,6 +200,8 @@ const SITES: [SiteSpec; 2] = [
         pop3s_port: 9951,
         imap_port: 1431,
         imaps_port: 9931,
+        gateway_metrics_port: 9472,
+        web_port: 8444,
         user: ("bob@b.qutemail.test", "bob-demo-password"),
     },
 ];
@@ -217,6 +236,8 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
             s.submission_port,
             s.pop3_port,
             s.pop3s_port,
+            s.gateway_metrics_port,
+            s.web_port,
         ] {
             if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
                 bail!("site {}: port 127.0.0.1:{port} is busy (is another demo running?)", s.name);
@@ -398,8 +419,10 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
                     pop3s: format!("127.0.0.1:{}", s.pop3s_port),
                     imap: format!("127.0.0.1:{}", s.imap_port),
                     imaps: format!("127.0.0.1:{}", s.imaps_port),
+                    metrics: format!("http://127.0.0.1:{}/metrics", s.gateway_metrics_port),
                 },
                 users: vec![UserState { address: s.user.0, password: s.user.1 }],
+                web: WebState { url: format!("https://127.0.0.1:{}/", s.web_port), tls_ca: ca_cert.clone() },
             }
         };
         let state = DemoState {
@@ -422,6 +445,7 @@ pub fn run(state_dir: Option<PathBuf>, release: bool, check: bool) -> anyhow::Re
             println!("  site {}: mail gateway (pid {}) SMTP MX {}, submission {} (STARTTLS), POP3 {} (STLS) / {} (TLS), IMAP {} (STARTTLS) / {} (TLS); user {} / {}",
                 s.name, s.gateway.pid, s.gateway.smtp_mx, s.gateway.smtp_submission, s.gateway.pop3, s.gateway.pop3s,
                 s.gateway.imap, s.gateway.imaps, s.users[0].address, s.users[0].password);
+            println!("  site {}: webmail and REST API at {} (admin {}; CA {})", s.name, s.web.url, s.users[0].address, s.web.tls_ca.display());
         }
         println!("  Faults: {} ctl --socket {} fibre-cut on|off | eavesdrop 0.2 | noise both --flip-rate 0.001 | reboot alice",
             bin.join("qkd-sim").display(), control_socket.display());
@@ -501,6 +525,15 @@ tls_listen = "127.0.0.1:{imaps}"
 
 [queue.retry]
 delays_s = [5, 15, 60, 300]
+
+[metrics]
+listen = "127.0.0.1:{gateway_metrics}"
+
+[web]
+listen = "127.0.0.1:{web}"
+signup = true
+admins = ["{user}"]
+kmd_metrics_url = "http://127.0.0.1:{kmd_metrics}/metrics"
 "#,
         domain = s.domain,
         mail = mail.display(),
@@ -515,6 +548,10 @@ delays_s = [5, 15, 60, 300]
         pop3s = s.pop3s_port,
         imap = s.imap_port,
         imaps = s.imaps_port,
+        gateway_metrics = s.gateway_metrics_port,
+        web = s.web_port,
+        user = s.user.0,
+        kmd_metrics = s.metrics_port,
     );
     if let Some(card) = peer_card {
         let peer = &SITES[s.peer];
@@ -607,7 +644,16 @@ fn start_gateways(dir: &Path, bin: &Path, children: &mut Children) -> anyhow::Re
     }
     let started = Instant::now();
     for s in &SITES {
-        for port in [s.mx_port, s.submission_port, s.pop3_port, s.pop3s_port, s.imap_port, s.imaps_port] {
+        for port in [
+            s.mx_port,
+            s.submission_port,
+            s.pop3_port,
+            s.pop3s_port,
+            s.imap_port,
+            s.imaps_port,
+            s.gateway_metrics_port,
+            s.web_port,
+        ] {
             while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
                 if started.elapsed() > Duration::from_secs(60) {
                     bail!(

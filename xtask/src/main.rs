@@ -2,8 +2,10 @@
 //!
 //! - `cargo xtask demo [--state-dir DIR]` brings up the two-site demo and runs until Ctrl-C.
 //! - `cargo xtask test` installs what the tests need (as root on Debian) and runs every test.
+//! - `cargo xtask image build|boot-test` builds the appliance image and boots it in qemu.
 
 mod demo;
+mod image;
 mod system;
 mod test;
 
@@ -42,6 +44,11 @@ enum Command {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
+    /// The appliance's Debian 12 disk image: build it, or build and boot it in qemu (as root).
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCommand,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,5 +56,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Demo { state_dir, release, check } => demo::run(state_dir, release, check),
         Command::Test { no_install, cargo_args } => test::run(no_install, &cargo_args),
+        Command::Image { command } => image::run(command),
     }
 }

@@ -11,12 +11,22 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("curl", "third-party ETSI GS QKD 014 client in the KME tests"),
     ("ca-certificates", "TLS roots for apt and pip"),
     ("python3-venv", "the venv for the Python test clients"),
-    ("prometheus", "promtool, which checks kmd's metrics exposition"),
+    (
+        "prometheus",
+        "promtool and a Prometheus server: metrics exposition, alert rules fired against the demo",
+    ),
+    (
+        "systemd",
+        "systemd-analyze (unit security scores, verify), systemd-socket-activate, sysusers and tmpfiles in the unit tests",
+    ),
     ("postgresql", "the mail store's tests and benchmark run on PostgreSQL as well as SQLite"),
     ("openssl", "`openssl speed`, the reference in the envelope benchmark; test certificates"),
     ("swaks", "a real SMTP client in the SMTP tests"),
     ("isync", "mbsync, a real IMAP client (two-way sync) in the IMAP tests"),
     ("fetchmail", "a real POP3 client in the POP3 tests"),
+    ("chromium", "the headless browser of the webmail browser tests"),
+    ("chromium-driver", "chromedriver: WebDriver for chromium, driven by fantoccini in the webmail tests"),
+    ("libnss3-tools", "certutil: puts the demo CA into the browser's NSS trust store for the webmail tests"),
 ];
 
 /// Creates (or refreshes, when the requirements changed) the venv with the Python test clients

@@ -29,6 +29,36 @@ pub async fn site_card(config: &Path, out: Option<&Path>) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
+/// `qutemail dns-records`: zone-file lines for DKIM (from the configured keys), SPF and DMARC.
+pub fn dns_records(config: &Path) -> anyhow::Result<ExitCode> {
+    let config = GatewayConfig::load(config)?;
+    let domain = &config.site.domain;
+    let Some(dkim) = wiring::dkim(&config)? else {
+        anyhow::bail!("the configuration has no [dkim] section: there is no DKIM key to publish");
+    };
+    for record in dkim.dns_records() {
+        println!("{}. IN TXT {}", record.name, zone_text(&record.value));
+    }
+    let host = config.smtp.as_ref().map_or(domain.as_str(), |s| s.hostname.as_str());
+    // SPF and DMARC depend on the site's network and reporting: a starting point to adapt.
+    println!("{domain}. IN TXT {}", zone_text(&format!("v=spf1 a:{host} mx -all")));
+    println!(
+        "_dmarc.{domain}. IN TXT {}",
+        zone_text(&format!("v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}"))
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A TXT value as zone-file character strings (each at most 255 bytes, RFC 1035 § 3.3.14).
+fn zone_text(value: &str) -> String {
+    value
+        .as_bytes()
+        .chunks(255)
+        .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 pub async fn seal(
     config: &Path,
     to_domain: &str,

@@ -36,6 +36,97 @@ pub struct GatewayConfig {
     pub pop3: Option<ListenSection>,
     /// `[imap]`: listeners.
     pub imap: Option<ListenSection>,
+    /// `[dns]`: the resolver for MX routing and sender authentication.
+    #[serde(default)]
+    pub dns: DnsSection,
+    /// `[dkim]`: signing of outbound mail (absent: unsigned).
+    pub dkim: Option<DkimSection>,
+    /// `[mail_auth]`: what SPF/DKIM/DMARC results of inbound mail lead to.
+    #[serde(default)]
+    pub mail_auth: MailAuthSection,
+    /// `[metrics]`: the Prometheus listener (absent: no metrics are served).
+    pub metrics: Option<MetricsSection>,
+    /// `[web]`: the REST API, webmail and admin console over HTTPS (absent: not served).
+    pub web: Option<qutemail_web::WebConfig>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Plain-HTTP listener for `GET /metrics`, e.g. `127.0.0.1:9471` (keep it off public
+    /// interfaces: it tells who mails whom how often).
+    pub listen: std::net::SocketAddr,
+}
+
+/// `[dns]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSection {
+    /// Recursive resolvers to ask (IP addresses); empty: the system's (`/etc/resolv.conf`).
+    #[serde(default)]
+    pub servers: Vec<std::net::IpAddr>,
+    /// Their port (default 53).
+    #[serde(default = "default_dns_port")]
+    pub port: u16,
+    /// Seconds to wait for one answer (default 5).
+    #[serde(default = "default_dns_timeout")]
+    pub timeout_s: u64,
+}
+
+impl Default for DnsSection {
+    fn default() -> Self {
+        Self { servers: Vec::new(), port: default_dns_port(), timeout_s: default_dns_timeout() }
+    }
+}
+
+fn default_dns_port() -> u16 {
+    53
+}
+
+fn default_dns_timeout() -> u64 {
+    5
+}
+
+/// `[dkim]`: the signing key(s) of outbound mail, published under `<selector>._domainkey.<domain>`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimSection {
+    /// The selector of the key.
+    pub selector: String,
+    /// Its PEM private key (RSA of 2048 bits or more, or Ed25519; a secret: mode 0600).
+    pub private_key: PathBuf,
+    /// More keys signing side by side, e.g. `[{ selector = "ed1", private_key = "ed.pem" }]`.
+    #[serde(default)]
+    pub additional_keys: Vec<DkimKeySection>,
+}
+
+/// One more DKIM key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimKeySection {
+    /// Its selector.
+    pub selector: String,
+    /// Its PEM private key.
+    pub private_key: PathBuf,
+}
+
+/// `[mail_auth]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MailAuthSection {
+    /// Inbound mail: check SPF, DKIM and DMARC (default false until the site's DNS is set up:
+    /// with checks on, an unreachable resolver makes every internet message wait with 451).
+    #[serde(default)]
+    pub check: bool,
+    /// `enforce` (default): DMARC reject → 550, quarantine → Junk; `report-only`: deliver to
+    /// the INBOX and only record the results.
+    #[serde(default)]
+    pub dmarc: crate::inbound_auth::DmarcEnforcement,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `[pop3]` (and other retrieval protocols): a plain listener with STARTTLS/STLS and an
@@ -96,10 +187,10 @@ fn default_max_message() -> u64 {
 }
 
 /// `[queue]`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueSection {
-    /// Relay for domains that are not peer sites, `host:port` (none: such mail bounces).
+    /// Relay for domains that are not peer sites, `host:port` (it overrides MX routing).
     pub smarthost: Option<String>,
     /// The relay's certificate name (default: the host part of `smarthost`).
     pub smarthost_tls_name: Option<String>,
@@ -109,6 +200,30 @@ pub struct QueueSection {
     /// Retry schedule.
     #[serde(default)]
     pub retry: qutemail_queue::RetryPolicy,
+    /// Deliver to other domains by MX lookup when there is no smarthost (default true).
+    #[serde(default = "default_true")]
+    pub mx_routing: bool,
+    /// The port of mail exchangers (default 25; tests use their own).
+    #[serde(default = "default_mx_port")]
+    pub mx_port: u16,
+}
+
+fn default_mx_port() -> u16 {
+    25
+}
+
+// By hand: an absent [queue] must get the same defaults as an empty one.
+impl Default for QueueSection {
+    fn default() -> Self {
+        Self {
+            smarthost: None,
+            smarthost_tls_name: None,
+            smarthost_ca: None,
+            retry: Default::default(),
+            mx_routing: true,
+            mx_port: default_mx_port(),
+        }
+    }
 }
 
 /// `[site]`.
@@ -257,6 +372,15 @@ impl GatewayConfig {
         }
         if let Some(c) = &mut config.queue.smarthost_ca {
             anchor(c);
+        }
+        if let Some(d) = &mut config.dkim {
+            anchor(&mut d.private_key);
+            for k in &mut d.additional_keys {
+                anchor(&mut k.private_key);
+            }
+        }
+        if let Some(k) = config.web.as_mut().and_then(|w| w.token_key.as_mut()) {
+            anchor(k);
         }
         Ok(config)
     }

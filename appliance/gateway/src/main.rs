@@ -4,8 +4,10 @@
 mod accounts;
 mod commands;
 mod config;
+mod inbound_auth;
 mod serve;
 mod smtp_host;
+mod systemd;
 mod wiring;
 
 use std::path::PathBuf;
@@ -46,6 +48,13 @@ enum Command {
         config: PathBuf,
         #[command(subcommand)]
         command: QueueCommand,
+    },
+    /// Prints the DNS records this site publishes for mail authentication: the DKIM key TXT
+    /// record(s) from [dkim], and SPF and DMARC records to adapt (zone-file lines).
+    DnsRecords {
+        /// The gateway configuration file.
+        #[arg(long, short, default_value = "/etc/qutemail/qutemail.toml")]
+        config: PathBuf,
     },
     /// Prints this site's public card (its domain, ML-KEM-768 and certificate keys) as JSON, to
     /// give to peer sites; creates the site keys, wrapped by the HSM, on first use.
@@ -187,6 +196,18 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    // Sockets passed by systemd (socket activation) are taken before any thread or file is
+    // opened, while descriptors 3.. are still exactly the ones systemd handed over.
+    let inherited = match &cli.command {
+        Command::Serve { .. } => match systemd::InheritedListeners::from_env() {
+            Ok(sockets) => sockets,
+            Err(e) => {
+                eprintln!("qutemail: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => systemd::InheritedListeners::default(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -196,7 +217,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve { config } => serve::serve(&config).await,
+            Command::Serve { config } => serve::serve(&config, inherited).await,
             Command::Account { config, command } => match command {
                 AccountCommand::Add { address, name } => {
                     accounts::add(&config, &address, name.as_deref()).await
@@ -208,6 +229,7 @@ fn main() -> ExitCode {
             },
             Command::Queue { config, command: QueueCommand::List } => accounts::queue_list(&config).await,
             Command::SiteCard { config, out } => commands::site_card(&config, out.as_deref()).await,
+            Command::DnsRecords { config } => commands::dns_records(&config),
             Command::Seal { config, to_domain, protection, input, out } => {
                 commands::seal(&config, &to_domain, protection, &input, &out).await
             }

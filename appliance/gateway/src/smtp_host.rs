@@ -13,6 +13,8 @@ use qutemail_store::{AuthError, Store};
 use qutemail_vault::{AppendRequest, MailVault, Protection, VaultError};
 use zeroize::Zeroizing;
 
+use crate::inbound_auth::{Disposition, InboundAuth};
+
 /// Which listener a handler serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -31,6 +33,10 @@ pub struct SiteMailHost {
     vault: MailVault,
     queue: OutboundQueue,
     events: Option<qutemail_imap::MailboxEvents>,
+    /// MX only: SPF/DKIM/DMARC evaluation of mail from non-peer senders.
+    inbound_auth: Option<InboundAuth>,
+    /// Received messages, session durations and verification failures are counted here.
+    metrics: qutemail_telemetry::GatewayMetrics,
 }
 
 impl SiteMailHost {
@@ -43,28 +49,106 @@ impl SiteMailHost {
         queue: OutboundQueue,
         events: Option<qutemail_imap::MailboxEvents>,
     ) -> Arc<Self> {
-        Arc::new(Self { role, domain: domain.to_ascii_lowercase(), store, vault, queue, events })
+        Arc::new(Self {
+            role,
+            domain: domain.to_ascii_lowercase(),
+            store,
+            vault,
+            queue,
+            events,
+            inbound_auth: None,
+            metrics: qutemail_telemetry::GatewayMetrics::new(),
+        })
+    }
+
+    /// The host counting in `metrics` (the registry `/metrics` serves).
+    pub fn with_metrics(mut self: Arc<Self>, metrics: qutemail_telemetry::GatewayMetrics) -> Arc<Self> {
+        Arc::make_mut(&mut self).metrics = metrics;
+        self
+    }
+
+    fn listener(&self) -> qutemail_telemetry::Listener {
+        match self.role {
+            Role::Mx => qutemail_telemetry::Listener::Mx,
+            Role::Submission => qutemail_telemetry::Listener::Submission,
+        }
+    }
+
+    /// The MX host with sender authentication (SPF, DKIM, DMARC) of internet mail.
+    pub fn with_inbound_auth(mut self: Arc<Self>, auth: InboundAuth) -> Arc<Self> {
+        Arc::make_mut(&mut self).inbound_auth = Some(auth);
+        self
+    }
+
+    /// MX: evaluates a message from the internet (a sealed envelope from a peer site is
+    /// authenticated by its certificate instead, in `deliver_local`). Returns the message to
+    /// store, with its Authentication-Results field, and the folder it goes to.
+    async fn check_inbound(
+        &self,
+        envelope: &MailEnvelope,
+        message: Zeroizing<Vec<u8>>,
+    ) -> Result<(Zeroizing<Vec<u8>>, &'static str), Refusal> {
+        let Some(auth) = &self.inbound_auth else { return Ok((message, "INBOX")) };
+        let message = Zeroizing::new(crate::inbound_auth::strip_forged_results(&message, auth.hostname()));
+        if is_sealed_envelope(&message) {
+            return Ok((message, "INBOX"));
+        }
+        let mail_from = match &envelope.from {
+            ReversePath::Null => String::new(),
+            ReversePath::Mailbox(a) => a.to_string(),
+        };
+        let ip =
+            envelope.session.peer.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.ip().to_canonical());
+        let helo = envelope.session.helo.as_deref().unwrap_or_default();
+        let connection = crate::inbound_auth::Connection { ip, helo, mail_from: &mail_from };
+        let verdict = auth.evaluate(connection, &message).await?;
+        let folder = match verdict.disposition {
+            Disposition::Refuse(r) => return Err(r),
+            Disposition::Junk => "Junk",
+            Disposition::Inbox => "INBOX",
+        };
+        let mut stored = Zeroizing::new(Vec::with_capacity(verdict.header.len() + message.len()));
+        stored.extend_from_slice(verdict.header.as_bytes());
+        stored.extend_from_slice(&message);
+        Ok((stored, folder))
     }
 
     fn is_local(&self, a: &Address) -> bool {
         a.domain().eq_ignore_ascii_case(&self.domain)
     }
 
-    async fn deliver_local(&self, recipients: &[&Address], message: &[u8]) -> Result<(), Refusal> {
+    async fn deliver_local(
+        &self,
+        recipients: &[&Address],
+        message: &[u8],
+        folder: &str,
+    ) -> Result<(), Refusal> {
         let sealed_envelope = is_sealed_envelope(message);
         let inbound = if sealed_envelope {
             match self.vault.accept_inbound(std::io::Cursor::new(message.to_vec())).await {
                 Ok(i) => Some(i),
-                Err(e) => return Err(refusal_for(&e)),
+                Err(e) => {
+                    self.metrics.verify_failed(qutemail_telemetry::VerifyStage::Inbound, failure_kind(&e));
+                    return Err(refusal_for(&e));
+                }
             }
         } else {
             None
+        };
+        // A verified envelope's sender is its peer site: say so to the reader's client.
+        let with_results;
+        let message = match (&inbound, &self.inbound_auth) {
+            (Some(i), Some(auth)) => {
+                with_results = [auth.peer_site_results(&i.sender_domain).as_bytes(), message].concat();
+                &with_results[..]
+            }
+            _ => message,
         };
         for rcpt in recipients {
             let account = self.store.account(&rcpt.to_string()).await.map_err(|_| {
                 Refusal::new(550, EnhancedCode::new(5, 1, 1), format!("no mailbox here for <{rcpt}>"))
             })?;
-            let inbox = self.store.mailbox(account.id, "INBOX").await.map_err(temporary)?;
+            let inbox = self.store.mailbox(account.id, folder).await.map_err(temporary)?;
             let request = AppendRequest::default();
             let result = match &inbound {
                 Some(i) => self.vault.append_inbound(&self.store, inbox.id, i, &request, message).await,
@@ -92,28 +176,57 @@ impl SiteMailHost {
             tracing::info!(from = %i.sender_domain, protection = %i.stored.protection, recipients = recipients.len(),
                 "quantum-secured message delivered");
         }
+        match &inbound {
+            Some(i) => {
+                self.metrics.message_received(self.listener(), i.stored.protection.as_str(), &i.sender_domain)
+            }
+            None => self.metrics.message_received(self.listener(), Protection::Normal.as_str(), "internet"),
+        }
         Ok(())
     }
 }
 
 impl SiteMailHost {
-    /// Submitted mail is kept in the sender's Sent folder, sealed at rest, before the 250.
-    async fn keep_in_sent(&self, envelope: &MailEnvelope, message: &[u8]) -> Result<(), Refusal> {
-        let Some(user) = envelope.session.authenticated_as.as_deref() else { return Ok(()) };
-        let account = self.store.account(user).await.map_err(temporary)?;
-        let sent = self.store.mailbox(account.id, "Sent").await.map_err(temporary)?;
-        let request = AppendRequest { flags: qutemail_store::Flags::SEEN, ..AppendRequest::default() };
-        self.vault
-            .append_plain(
-                &self.store,
-                sent.id,
-                Protection::Normal,
-                &request,
-                Zeroizing::new(message.to_vec()),
-            )
+    /// Submission: the role-independent submission (`qutemail_queue::submit`, shared with the
+    /// web API's compose): local recipients, the sealed Sent copy, then the outbound queue.
+    async fn submit(
+        &self,
+        envelope: &MailEnvelope,
+        message: Zeroizing<Vec<u8>>,
+    ) -> Result<DeliveryReceipt, Refusal> {
+        let submission = qutemail_queue::Submission {
+            from: &envelope.from,
+            params: &envelope.params,
+            recipients: &envelope.recipients,
+            sent_by: envelope.session.authenticated_as.as_deref(),
+            requested: None,
+            message,
+        };
+        let done = qutemail_queue::submit(&self.store, &self.vault, &self.queue, &self.domain, submission)
             .await
-            .map_err(temporary)?;
-        Ok(())
+            .map_err(|e| match e {
+                qutemail_queue::SubmitError::NoSuchRecipient(a) => {
+                    Refusal::new(550, EnhancedCode::new(5, 1, 1), format!("no mailbox here for <{a}>"))
+                }
+                e => temporary(e),
+            })?;
+        if !done.delivered_locally.is_empty()
+            && let Some(e) = &self.events
+        {
+            e.mailbox_changed();
+        }
+        Ok(DeliveryReceipt { id: done.queue_id.unwrap_or_else(|| "local".into()) })
+    }
+}
+
+/// The `kind` label of a sealed message that could not be accepted.
+fn failure_kind(e: &VaultError) -> &'static str {
+    match e {
+        VaultError::CertificateMismatch { .. } => "certificate",
+        VaultError::UnknownSender { .. } => "unknown_sender",
+        e if e.is_not_verifiable() => "integrity",
+        VaultError::Kmd { .. } | VaultError::KeysUnavailable { .. } | VaultError::NoKmd => "key_unavailable",
+        _ => "other",
     }
 }
 
@@ -148,6 +261,10 @@ fn temporary(e: impl std::fmt::Display) -> Refusal {
 }
 
 impl SmtpHandler for SiteMailHost {
+    fn session_ended(&self, duration: std::time::Duration) {
+        self.metrics.smtp_session_ended(self.listener(), duration);
+    }
+
     async fn authenticate(&self, _session: &SessionInfo, credentials: &Credentials) -> AuthOutcome {
         match self.store.authenticate(&credentials.username, &credentials.password).await {
             Ok(_) => AuthOutcome::Accepted,
@@ -202,15 +319,22 @@ impl SmtpHandler for SiteMailHost {
 
     async fn deliver(&self, envelope: MailEnvelope, message: Vec<u8>) -> Result<DeliveryReceipt, Refusal> {
         let message = Zeroizing::new(message);
+        if self.role == Role::Submission {
+            let receipt = self.submit(&envelope, message).await?;
+            // Submitted mail arrives in plaintext over TLS: `normal` until the queue seals it.
+            self.metrics.message_received(self.listener(), Protection::Normal.as_str(), "local");
+            return Ok(receipt);
+        }
+        let (message, folder) = match self.role {
+            Role::Mx => self.check_inbound(&envelope, message).await?,
+            Role::Submission => (message, "INBOX"),
+        };
         let local: Vec<&Address> =
             envelope.recipients.iter().map(|r| &r.address).filter(|a| self.is_local(a)).collect();
         let remote: Vec<qutemail_smtp::Recipient> =
             envelope.recipients.iter().filter(|r| !self.is_local(&r.address)).cloned().collect();
         if !local.is_empty() {
-            self.deliver_local(&local, &message).await?;
-        }
-        if self.role == Role::Submission {
-            self.keep_in_sent(&envelope, &message).await?;
+            self.deliver_local(&local, &message, folder).await?;
         }
         let mut id = String::from("local");
         if !remote.is_empty() {

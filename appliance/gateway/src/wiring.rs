@@ -62,11 +62,37 @@ pub async fn store(config: &GatewayConfig) -> anyhow::Result<qutemail_store::Sto
     Ok(store)
 }
 
-/// The outbound queue: peer routes from `[[peer]]`, the relay from `[queue]`.
+/// The site's resolver from `[dns]` (shared by MX routing and sender authentication).
+pub fn dns(config: &GatewayConfig) -> anyhow::Result<qutemail_queue::dns::MailDns> {
+    let d = &config.dns;
+    let settings = qutemail_queue::dns::DnsSettings {
+        servers: d.servers.clone(),
+        port: d.port,
+        timeout: std::time::Duration::from_secs(d.timeout_s.max(1)),
+    };
+    qutemail_queue::dns::MailDns::new(&settings).context("[dns]")
+}
+
+/// The DKIM signing keys from `[dkim]` (read once; the keys stay in memory only).
+pub fn dkim(config: &GatewayConfig) -> anyhow::Result<Option<qutemail_queue::dkim::DkimSigning>> {
+    let Some(d) = &config.dkim else { return Ok(None) };
+    let files: Vec<qutemail_queue::dkim::DkimKeyFile> = std::iter::once((&d.selector, &d.private_key))
+        .chain(d.additional_keys.iter().map(|k| (&k.selector, &k.private_key)))
+        .map(|(selector, private_key)| qutemail_queue::dkim::DkimKeyFile {
+            selector: selector.clone(),
+            private_key: private_key.clone(),
+        })
+        .collect();
+    Ok(Some(qutemail_queue::dkim::DkimSigning::load(&config.site.domain, &files).context("[dkim]")?))
+}
+
+/// The outbound queue: peer routes from `[[peer]]`, the relay from `[queue]`, MX routing over
+/// `dns`, DKIM signing from `[dkim]`.
 pub fn queue(
     config: &GatewayConfig,
     store: qutemail_store::Store,
     vault: MailVault,
+    dns: &qutemail_queue::dns::MailDns,
 ) -> anyhow::Result<qutemail_queue::OutboundQueue> {
     use qutemail_queue::{QueueSettings, Route};
     use qutemail_smtp::client::TlsMode;
@@ -109,6 +135,19 @@ pub fn queue(
         }
     };
     q.retry.validate().map_err(|e| anyhow::anyhow!("[queue.retry] {e}"))?;
+    let mx = if q.mx_routing {
+        Some(qutemail_queue::MxRouting::new(dns.clone(), q.mx_port).context("[queue] MX routing TLS")?)
+    } else {
+        None
+    };
+    let dkim = dkim(config)?.map(std::sync::Arc::new);
+    // On SQLite this process is the queue's only runner, so a claim only has to outlive a
+    // crash of it: short, so that a restarted gateway resumes at once. PostgreSQL nodes share
+    // the queue: there a claim must outlast a whole batch of attempts by another node.
+    let lease = match store.backend() {
+        qutemail_store::Backend::Sqlite => std::time::Duration::from_secs(20),
+        _ => std::time::Duration::from_secs(600),
+    };
     Ok(qutemail_queue::OutboundQueue::new(
         store,
         vault,
@@ -117,11 +156,57 @@ pub fn queue(
             domain: config.site.domain.clone(),
             peer_routes,
             smarthost,
+            mx,
+            dkim,
             retry: q.retry.clone(),
             batch: 50,
-            lease: std::time::Duration::from_secs(600),
+            lease,
             poll: std::time::Duration::from_secs(5),
             key_wait_retry: std::time::Duration::from_secs(10),
         },
     ))
+}
+
+/// What the web API needs besides the store, vault and queue: its token signing key
+/// (HSM-wrapped, created on first start), the kmd client for key readiness, and the peers' SAEs.
+pub async fn web_deps(
+    config: &GatewayConfig,
+    store: qutemail_store::Store,
+    vault: MailVault,
+    queue: qutemail_queue::OutboundQueue,
+    events: Option<qutemail_imap::MailboxEvents>,
+) -> anyhow::Result<qutemail_web::WebDeps> {
+    let web = config.web.as_ref().context("the configuration has no [web] section")?;
+    let hsm = HsmKeyWrapper::open_async(config.hsm.clone()).await.context("opening the HSM ([hsm])")?;
+    let key_path =
+        web.token_key.clone().unwrap_or_else(|| config.site.site_keys.with_file_name("web-token-key.json"));
+    let token_key = qutemail_web::TokenKey::load_or_create(&key_path, &config.site.domain, &hsm).await?;
+    let kmd = match &config.kmd {
+        None => None,
+        Some(k) => {
+            let tls = etsi014::client::ClientTlsConfig::from_files(&k.ca_cert, &k.client_cert, &k.client_key)
+                .context("[kmd] TLS files")?;
+            Some(std::sync::Arc::new(etsi014::client::Etsi014Client::new(&k.etsi014_url, tls)?))
+        }
+    };
+    let on_delivery = events
+        .map(|e| std::sync::Arc::new(move || e.mailbox_changed()) as std::sync::Arc<dyn Fn() + Send + Sync>);
+    Ok(qutemail_web::WebDeps {
+        domain: config.site.domain.to_ascii_lowercase(),
+        store,
+        vault,
+        queue,
+        policy: config.policy.clone(),
+        token_key: std::sync::Arc::new(token_key),
+        kmd,
+        peers: config
+            .peers
+            .iter()
+            .map(|p| qutemail_web::PeerSae {
+                domain: p.domain.to_ascii_lowercase(),
+                sae_id: p.sae_id.clone(),
+            })
+            .collect(),
+        on_delivery,
+    })
 }

@@ -1,12 +1,11 @@
 //! The tokio side: listeners (plain with STARTTLS, implicit TLS), per-connection tasks, the
-//! login rate limiter, mailbox change notification and shutdown.
+//! login throttle, mailbox change notification and shutdown.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use qutemail_store::Store;
+use qutemail_store::{LoginThrottle, LoginThrottleSettings, Store};
 use qutemail_vault::MailVault;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -30,18 +29,17 @@ pub struct ImapConfig {
     /// How often an idling session looks for changes made by other nodes or processes (changes
     /// in this process wake it at once through [`MailboxEvents`]).
     pub idle_poll: Duration,
-    /// After three failed logins for one account or one client address, further attempts are
-    /// refused for this long, doubling with each further failure.
-    pub login_backoff: Duration,
-    /// Longest refusal period of the login backoff.
-    pub login_backoff_max: Duration,
+    /// Failed-login throttle: progressive delays per account and per client address, refusal
+    /// only for an address beyond its cap. Share one with the gateway's other login front
+    /// ends (POP3), so that a guessing run is counted once whichever protocol it uses.
+    pub login_throttle: Arc<LoginThrottle>,
     /// Most connections at once; more are greeted with BYE.
     pub max_connections: usize,
 }
 
 impl ImapConfig {
     /// Defaults: 25 MiB messages, 30 min idle timeout, 60 s to log in, 300 ms IDLE polling,
-    /// 1 s doubling login backoff up to 5 min, 4096 connections.
+    /// a login throttle of its own with [`LoginThrottleSettings::default`], 4096 connections.
     pub fn new(tls: Arc<rustls::ServerConfig>) -> Self {
         Self {
             tls,
@@ -49,8 +47,7 @@ impl ImapConfig {
             idle_timeout: Duration::from_secs(30 * 60),
             preauth_timeout: Duration::from_secs(60),
             idle_poll: Duration::from_millis(300),
-            login_backoff: Duration::from_secs(1),
-            login_backoff_max: Duration::from_secs(300),
+            login_throttle: Arc::new(LoginThrottle::new(LoginThrottleSettings::default())),
             max_connections: 4096,
         }
     }
@@ -95,75 +92,11 @@ impl ShutdownHandle {
     }
 }
 
-/// Failed logins per account and per client address.
-#[derive(Debug)]
-pub(crate) struct LoginLimiter {
-    failures: Mutex<HashMap<String, (u32, Instant)>>,
-    base: Duration,
-    max: Duration,
-}
-
-/// Failures allowed before the backoff starts.
-const FREE_FAILURES: u32 = 3;
-/// Entries kept at most (older ones are pruned first).
-const MAX_ENTRIES: usize = 100_000;
-
-impl LoginLimiter {
-    fn new(base: Duration, max: Duration) -> Self {
-        Self { failures: Mutex::new(HashMap::new()), base, max }
-    }
-
-    pub(crate) fn keys(&self, user: &str, peer: IpAddr) -> [String; 2] {
-        [format!("account:{}", user.trim().to_ascii_lowercase()), format!("address:{peer}")]
-    }
-
-    fn backoff(&self, count: u32) -> Duration {
-        if count < FREE_FAILURES {
-            return Duration::ZERO;
-        }
-        let doublings = (count - FREE_FAILURES).min(20);
-        self.base.saturating_mul(1 << doublings).min(self.max)
-    }
-
-    /// How long logins for these keys are still refused, if they are.
-    pub(crate) fn blocked(&self, keys: &[String]) -> Option<Duration> {
-        let map = self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = Instant::now();
-        keys.iter()
-            .filter_map(|k| map.get(k))
-            .filter_map(|(count, last)| (*last + self.backoff(*count)).checked_duration_since(now))
-            .filter(|d| !d.is_zero())
-            .max()
-    }
-
-    pub(crate) fn failed(&self, keys: &[String]) {
-        let mut map = self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = Instant::now();
-        if map.len() >= MAX_ENTRIES {
-            let max = self.max;
-            map.retain(|_, (_, last)| now.duration_since(*last) < max);
-        }
-        for k in keys {
-            let e = map.entry(k.clone()).or_insert((0, now));
-            e.0 = e.0.saturating_add(1);
-            e.1 = now;
-        }
-    }
-
-    pub(crate) fn succeeded(&self, keys: &[String]) {
-        let mut map = self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for k in keys {
-            map.remove(k);
-        }
-    }
-}
-
 /// What every session shares.
 pub(crate) struct Shared {
     pub(crate) config: ImapConfig,
     pub(crate) store: Store,
     pub(crate) vault: MailVault,
-    pub(crate) limiter: LoginLimiter,
     pub(crate) events: MailboxEvents,
     pub(crate) shutdown: Arc<watch::Sender<bool>>,
     connections: Arc<Semaphore>,
@@ -196,14 +129,12 @@ pub enum ConnectionMode {
 impl ImapServer {
     /// A server over the gateway's store and vault.
     pub fn new(config: ImapConfig, store: Store, vault: MailVault) -> Self {
-        let limiter = LoginLimiter::new(config.login_backoff, config.login_backoff_max);
         let connections = Arc::new(Semaphore::new(config.max_connections));
         Self {
             shared: Arc::new(Shared {
                 config,
                 store,
                 vault,
-                limiter,
                 events: MailboxEvents::default(),
                 shutdown: Arc::new(watch::channel(false).0),
                 connections,
@@ -321,28 +252,4 @@ where
         let _ = io.shutdown().await;
     }
     Ok(exit)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn logins_back_off_after_three_failures_per_account_and_address() {
-        let l = LoginLimiter::new(Duration::from_secs(10), Duration::from_secs(60));
-        let keys = l.keys("Alice@A.example", "192.0.2.1".parse().unwrap());
-        for _ in 0..3 {
-            assert!(l.blocked(&keys).is_none());
-            l.failed(&keys);
-        }
-        assert!(l.blocked(&keys).is_some(), "the fourth attempt waits");
-        // Same account from elsewhere: still blocked (per account).
-        let other = l.keys("alice@a.example", "192.0.2.9".parse().unwrap());
-        assert!(l.blocked(&other).is_some());
-        assert_eq!(l.backoff(3), Duration::from_secs(10));
-        assert_eq!(l.backoff(4), Duration::from_secs(20));
-        assert_eq!(l.backoff(40), Duration::from_secs(60));
-        l.succeeded(&keys);
-        assert!(l.blocked(&keys).is_none());
-    }
 }

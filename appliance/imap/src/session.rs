@@ -5,12 +5,12 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use qutemail_store::{
-    Account, AuthError, ExpungeScope, FlagChange, FlagOp, Flags, Mailbox, MessageMeta, NumberSet, Selection,
-    StoreError,
+    Account, AuthError, ExpungeScope, FlagChange, FlagOp, Flags, LoginGate, Mailbox, MessageMeta, NumberSet,
+    Selection, StoreError,
 };
 use qutemail_vault::{AppendRequest, Protection, VaultError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -435,23 +435,27 @@ impl Session {
     }
 
     async fn check_credentials(&mut self, user: &str, password: &str) -> Done {
-        let keys = self.shared.limiter.keys(user, self.peer);
-        if let Some(wait) = self.shared.limiter.blocked(&keys) {
-            tracing::warn!(peer = %self.peer, "login refused: too many recent failures");
-            return Err(Fail::No(format!(
-                "[UNAVAILABLE] Too many failed logins; try again in {} s",
-                wait.as_secs().max(1)
-            )));
+        let throttle = &self.shared.config.login_throttle;
+        match throttle.gate(user, self.peer, Instant::now()) {
+            LoginGate::AddressRefused { retry_after } => {
+                tracing::warn!(peer = %self.peer, "login refused: too many failed logins from this address");
+                return Err(Fail::No(format!(
+                    "[UNAVAILABLE] Too many failed logins from your address; try again in {} s",
+                    retry_after.as_secs().max(1)
+                )));
+            }
+            // Slows guessing without locking the account's owner out (see LoginThrottle).
+            LoginGate::Proceed { delay } => tokio::time::sleep(delay).await,
         }
         match self.shared.store.authenticate(user, password).await {
             Ok(account) => {
-                self.shared.limiter.succeeded(&keys);
+                throttle.succeeded(user, self.peer);
                 tracing::info!(peer = %self.peer, account = %account.address, "logged in");
                 self.account = Some(account);
                 Ok(format!("[CAPABILITY {}] Logged in", self.capabilities()))
             }
             Err(AuthError::Rejected) => {
-                self.shared.limiter.failed(&keys);
+                throttle.failed(user, self.peer, Instant::now());
                 tracing::warn!(peer = %self.peer, "login failed");
                 Err(Fail::No("[AUTHENTICATIONFAILED] Invalid credentials".into()))
             }

@@ -8,7 +8,9 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{ALICE, ALICE_PASSWORD, BOB, MAX_MESSAGE, Site, TOKEN, message, runtime};
+use common::{
+    ALICE, ALICE_PASSWORD, BOB, BOB_PASSWORD, LOGIN_THROTTLE, MAX_MESSAGE, Site, TOKEN, message, runtime,
+};
 use qutemail_hsm::testing::isolated;
 use qutemail_store::Backend;
 use rustls_pki_types::ServerName;
@@ -200,32 +202,70 @@ fn a_client_vanishing_mid_literal_stores_nothing_and_the_server_keeps_serving() 
     });
 }
 
+/// A TLS client connecting from `source` (any 127.0.0.0/8 address: a second client address).
+async fn tls_from(site: &Site, source: &str) -> Raw<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(format!("{source}:0").parse().expect("address")).expect("bind the client address");
+    let tcp = socket.connect(site.tls).await.expect("connect");
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&site.client_tls));
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    let stream = connector.connect(name, tcp).await.expect("TLS");
+    let mut raw = Raw { io: BufReader::new(stream) };
+    assert!(raw.line().await.starts_with("* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN"));
+    raw
+}
+
 #[test]
-fn failed_logins_back_off_per_account_and_per_client_address() {
-    isolated("failed_logins_back_off_per_account_and_per_client_address", &[TOKEN], |env| {
-        runtime().block_on(async {
-            let site = Site::start(env, Backend::Sqlite).await;
-            let mut c = tls(&site).await;
-            for i in 0..3 {
-                let r = c.cmd(&format!("f{i}"), &format!("LOGIN {ALICE} wrong-password")).await;
-                assert!(last(&r).contains("NO [AUTHENTICATIONFAILED]"), "{r:?}");
-            }
-            // The fourth attempt is refused without checking, even with the right password.
-            let r = c.cmd("f3", &format!("LOGIN {ALICE} \"{ALICE_PASSWORD}\"")).await;
-            assert!(last(&r).starts_with("f3 NO [UNAVAILABLE] Too many failed logins"), "{r:?}");
-            // From this address, another account is refused too (per address) ...
-            let r = c.cmd("f4", &format!("LOGIN {BOB} whatever")).await;
-            assert!(last(&r).starts_with("f4 NO [UNAVAILABLE]"), "{r:?}");
-            // ... and AUTHENTICATE PLAIN is held to the same limit.
-            use base64::Engine as _;
-            let plain =
-                base64::engine::general_purpose::STANDARD.encode(format!("\0{ALICE}\0{ALICE_PASSWORD}"));
-            let r = c.cmd("f5", &format!("AUTHENTICATE PLAIN {plain}")).await;
-            assert!(last(&r).starts_with("f5 NO [UNAVAILABLE]"), "{r:?}");
-            // The stored password still works for the store itself: nothing was changed.
-            assert!(site.store.store.authenticate(ALICE, ALICE_PASSWORD).await.is_ok());
-        })
-    });
+fn failed_logins_are_delayed_per_account_and_an_address_refused_only_beyond_its_cap() {
+    isolated(
+        "failed_logins_are_delayed_per_account_and_an_address_refused_only_beyond_its_cap",
+        &[TOKEN],
+        |env| {
+            runtime().block_on(async {
+                let site = Site::start(env, Backend::Sqlite).await;
+                // An attacker at 127.0.0.1 guesses Alice's password.
+                let mut attacker = tls_from(&site, "127.0.0.1").await;
+                for i in 0..LOGIN_THROTTLE.free_failures {
+                    let r = attacker.cmd(&format!("f{i}"), &format!("LOGIN {ALICE} wrong-password")).await;
+                    assert!(last(&r).contains("NO [AUTHENTICATIONFAILED]"), "{r:?}");
+                }
+                // Alice herself, from another address, is slowed down but not locked out.
+                let mut alice = tls_from(&site, "127.0.0.2").await;
+                let started = std::time::Instant::now();
+                let r = alice.cmd("a1", &format!("LOGIN {ALICE} \"{ALICE_PASSWORD}\"")).await;
+                assert!(last(&r).starts_with("a1 OK"), "{r:?}");
+                assert!(
+                    started.elapsed() >= LOGIN_THROTTLE.first_delay,
+                    "the login waited for the account's delay"
+                );
+                // The attacker goes on with other accounts: each failure is answered (after its
+                // delay) until the address has used up its cap ...
+                for i in LOGIN_THROTTLE.free_failures..LOGIN_THROTTLE.refuse_address_after {
+                    let r = attacker.cmd(&format!("f{i}"), &format!("LOGIN {BOB} wrong-password")).await;
+                    assert!(last(&r).contains("NO [AUTHENTICATIONFAILED]"), "{r:?}");
+                }
+                // ... then that address is refused without checking, even with the right password,
+                let r = attacker.cmd("g1", &format!("LOGIN {ALICE} \"{ALICE_PASSWORD}\"")).await;
+                assert!(
+                    last(&r).starts_with("g1 NO [UNAVAILABLE] Too many failed logins from your address"),
+                    "{r:?}"
+                );
+                // and AUTHENTICATE PLAIN is held to the same limit.
+                use base64::Engine as _;
+                let plain =
+                    base64::engine::general_purpose::STANDARD.encode(format!("\0{ALICE}\0{ALICE_PASSWORD}"));
+                let r = attacker.cmd("g2", &format!("AUTHENTICATE PLAIN {plain}")).await;
+                assert!(last(&r).starts_with("g2 NO [UNAVAILABLE]"), "{r:?}");
+                // The right users from another address still get in.
+                let mut bob = tls_from(&site, "127.0.0.3").await;
+                let r = bob.cmd("b1", &format!("LOGIN {BOB} \"{BOB_PASSWORD}\"")).await;
+                assert!(last(&r).starts_with("b1 OK"), "{r:?}");
+                let mut alice = tls_from(&site, "127.0.0.2").await;
+                let r = alice.cmd("a2", &format!("AUTHENTICATE PLAIN {plain}")).await;
+                assert!(last(&r).starts_with("a2 OK"), "{r:?}");
+            })
+        },
+    );
 }
 
 #[test]

@@ -16,8 +16,9 @@
 //! Logins (USER/PASS, AUTH PLAIN) are accepted only over TLS. The maildrop is locked per
 //! account while a session is in TRANSACTION (`[IN-USE]`); the lock is held in this process.
 //! Numbers and sizes are a snapshot taken at login; deletions are applied only at QUIT, in one
-//! store transaction. Failed logins are limited per account and per client address
-//! (`[SYS/TEMP]` once exceeded). Logs carry commands' keywords and account addresses, never
+//! store transaction. Failed logins are slowed per account and per client address by
+//! the gateway's shared [`LoginThrottle`](qutemail_store::LoginThrottle) (an address beyond its
+//! cap gets `[SYS/TEMP]`). Logs carry commands' keywords and account addresses, never
 //! arguments that could be passwords, nor message content.
 //!
 //! ```no_run
@@ -47,5 +48,4 @@ pub mod message;
 mod server;
 pub mod session;
 
-pub use guard::LoginLimits;
 pub use server::{Pop3Config, Pop3Server};

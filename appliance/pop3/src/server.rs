@@ -6,7 +6,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qutemail_store::{AuthError, ExpungeScope, MailboxId, NumberSet, Selection, Store};
+use qutemail_store::{
+    AuthError, ExpungeScope, LoginGate, LoginThrottle, LoginThrottleSettings, MailboxId, NumberSet,
+    Selection, Store,
+};
 use qutemail_vault::MailVault;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -17,7 +20,7 @@ use tracing::Instrument as _;
 use zeroize::Zeroizing;
 
 use crate::command::MAX_LINE;
-use crate::guard::{LoginLimiter, LoginLimits, MaildropLock, MaildropLocks};
+use crate::guard::{MaildropLock, MaildropLocks};
 use crate::message::render;
 use crate::session::{Action, Login, LoginRefusal, Maildrop, Session};
 
@@ -30,23 +33,22 @@ pub struct Pop3Config {
     /// before the server closes the connection without entering UPDATE. RFC 1939 § 3: at
     /// least 10 minutes.
     pub idle_timeout: Duration,
-    /// Limits on failed logins.
-    pub login_limits: LoginLimits,
-    /// Pause before answering a failed login (slows down guessing on one connection).
-    pub failed_login_delay: Duration,
+    /// Failed-login throttle: progressive delays per account and per client address, refusal
+    /// only for an address beyond its cap. Share one with the gateway's other login front
+    /// ends (IMAP), so that a guessing run is counted once whichever protocol it uses.
+    pub login_throttle: Arc<LoginThrottle>,
     /// CAPA's IMPLEMENTATION argument.
     pub implementation: String,
 }
 
 impl Pop3Config {
-    /// The defaults: 10 minutes idle, 5 failures per account and 20 per address in 15 minutes,
-    /// 1 s pause after a failed login.
+    /// The defaults: 10 minutes idle, a login throttle of its own with
+    /// [`LoginThrottleSettings::default`].
     pub fn new(tls: Arc<rustls::ServerConfig>) -> Pop3Config {
         Pop3Config {
             tls,
             idle_timeout: Duration::from_secs(10 * 60),
-            login_limits: LoginLimits::default(),
-            failed_login_delay: Duration::from_secs(1),
+            login_throttle: Arc::new(LoginThrottle::new(LoginThrottleSettings::default())),
             implementation: format!("QuteMail-{}", env!("CARGO_PKG_VERSION")),
         }
     }
@@ -77,7 +79,6 @@ struct Inner {
     store: Store,
     vault: MailVault,
     locks: MaildropLocks,
-    limiter: LoginLimiter,
     shutdown: watch::Sender<bool>,
 }
 
@@ -110,7 +111,6 @@ impl Pop3Server {
     /// each message as the client sees it).
     pub fn new(config: Pop3Config, store: Store, vault: MailVault) -> Pop3Server {
         let acceptor = TlsAcceptor::from(config.tls.clone());
-        let limiter = LoginLimiter::new(config.login_limits);
         Pop3Server {
             inner: Arc::new(Inner {
                 config,
@@ -118,7 +118,6 @@ impl Pop3Server {
                 store,
                 vault,
                 locks: MaildropLocks::default(),
-                limiter,
                 shutdown: watch::Sender::new(false),
             }),
         }
@@ -362,17 +361,21 @@ impl Pop3Server {
         // Count failures under the address as the store matches it, so that spelling variants
         // of one address share one limit.
         let user = qutemail_store::normalize_address(&login.user).unwrap_or_else(|_| login.user.clone());
-        if inner.limiter.is_limited(&user, address, Instant::now()) {
-            tracing::warn!(user = ?user, "pop3 login refused: too many failed logins");
-            return Err(LoginRefusal::RateLimited);
+        let throttle = &inner.config.login_throttle;
+        match throttle.gate(&user, address, Instant::now()) {
+            LoginGate::AddressRefused { .. } => {
+                tracing::warn!(%address, "pop3 login refused: too many failed logins from this address");
+                return Err(LoginRefusal::RateLimited);
+            }
+            // Slows guessing without locking the account's owner out (see LoginThrottle).
+            LoginGate::Proceed { delay } => tokio::time::sleep(delay).await,
         }
         let account = match inner.store.authenticate(&login.user, &login.password).await {
             Ok(account) => account,
             Err(AuthError::Rejected) => {
-                inner.limiter.failed(&user, address, Instant::now());
+                throttle.failed(&user, address, Instant::now());
                 // Debug formatting: the name is the client's, escape anything it smuggles in.
                 tracing::info!(user = ?user, "pop3 login failed");
-                tokio::time::sleep(inner.config.failed_login_delay).await;
                 return Err(LoginRefusal::BadCredentials);
             }
             Err(e) => {
@@ -381,7 +384,7 @@ impl Pop3Server {
             }
         };
         drop(login);
-        inner.limiter.succeeded(&account.address);
+        throttle.succeeded(&account.address, address);
         let Some(lock) = inner.locks.try_lock(&account.address) else {
             tracing::info!(user = %account.address, "pop3 login refused: maildrop in use");
             return Err(LoginRefusal::InUse);

@@ -6,19 +6,29 @@
 //! gateway nodes off them), and per message and destination domain: for a peer site, takes
 //! fresh QKD keys and seals the message (`qutemail-vault`, the site's policy picks the mode) and
 //! relays it over STARTTLS to the peer's gateway (`qutemail-smtp` client); for other domains,
-//! relays it through the configured smarthost. Temporary failures (4xx, connection problems, no
-//! QKD keys yet) are retried on the [`RetryPolicy`] schedule; permanent ones (5xx) and the
-//! give-up age bounce: the local sender receives an RFC 3464 delivery status notification in
-//! their INBOX ([`dsn`]), and a delay warning once a message has waited long.
+//! relays it through the configured smarthost or, without one, to the domain's mail exchangers
+//! found by MX lookup ([`dns`], `normal` mode only, opportunistic STARTTLS). Every message is
+//! DKIM-signed ([`dkim`]) over the bytes that go on the wire. Temporary failures (4xx,
+//! connection problems, no QKD keys yet) are retried on the [`RetryPolicy`] schedule;
+//! permanent ones (5xx) and the give-up age bounce: the local sender receives an RFC 3464
+//! delivery status notification in their INBOX ([`dsn`]), and a delay warning once a message
+//! has waited long.
 
 #![deny(missing_docs)]
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod dkim;
+pub mod dns;
 pub mod dsn;
 pub mod retry;
 mod runner;
+pub mod submission;
 
 pub use dsn::{DsnAction, DsnRequest, RecipientReport, build_dsn};
+/// The `mail-auth` crate the queue signs and resolves with (one version for the whole gateway).
+pub use mail_auth;
+pub use qutemail_telemetry::{GatewayMetrics, WaitReason};
 pub use retry::{NextStep, RetryPolicy};
-pub use runner::{OutboundQueue, QueueError, QueueSettings, Route};
+pub use runner::{MxRouting, OutboundQueue, QueueError, QueueSettings, Route, wait_reason};
+pub use submission::{Submission, SubmitError, Submitted, submit};

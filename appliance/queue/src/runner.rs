@@ -11,16 +11,42 @@ use qutemail_smtp::{Address, DsnReturn, MailParams, RcptParams, Recipient, Rever
 use qutemail_store::{
     NewQueueRecipient, NewQueuedMessage, QueueOutcome, QueuedDelivery, QueuedRecipient, Store,
 };
+use qutemail_telemetry::{GatewayMetrics, WaitReason};
 use qutemail_vault::{AppendRequest, MailVault, Protection, SealOrder, StoredProtection, VaultError};
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::Notify;
 use zeroize::Zeroizing;
 
+use crate::dkim::DkimSigning;
 use crate::dsn::{self, DsnAction, DsnRequest, RecipientReport};
 use crate::retry::{NextStep, RetryPolicy};
 
+mod mx;
+pub use mx::MxRouting;
+
 /// The status of a message waiting for QKD keys.
 const KEY_WAIT_STATUS: &str = "4.7.0";
+
+/// How the last reply of a recipient waiting for QKD keys starts (the queue listing shows it;
+/// [`wait_reason`] reads it back).
+const KEY_WAIT_PREFIX: &str = "waiting for QKD keys";
+/// How the last reply starts when the next hop did not answer.
+const UNREACHABLE_PREFIX: &str = "next hop unreachable";
+/// How the last reply starts when this gateway failed.
+const LOCAL_ERROR_PREFIX: &str = "local error";
+
+/// Why a queued recipient waits, from its last reply as stored (`None`: not tried yet). The
+/// queue writes these replies, so the census of waiting mail (metrics) and `qutemail queue
+/// list` tell the same story.
+pub fn wait_reason(last_reply: Option<&str>) -> WaitReason {
+    match last_reply {
+        None => WaitReason::New,
+        Some(r) if r.starts_with(KEY_WAIT_PREFIX) => WaitReason::KeysExhausted,
+        Some(r) if r.starts_with(UNREACHABLE_PREFIX) => WaitReason::PeerUnreachable,
+        Some(r) if r.starts_with(LOCAL_ERROR_PREFIX) => WaitReason::LocalError,
+        Some(_) => WaitReason::Retry,
+    }
+}
 
 /// Where mail for a domain goes: a peer site's gateway, or the site's relay (smarthost).
 #[derive(Debug, Clone)]
@@ -44,8 +70,13 @@ pub struct QueueSettings {
     pub domain: String,
     /// Routes of the peer sites, by mail domain.
     pub peer_routes: HashMap<String, Route>,
-    /// The relay for every other domain; without one, such mail bounces (5.4.4).
+    /// The relay for every other domain (it overrides MX routing).
     pub smarthost: Option<Route>,
+    /// MX routing for other domains when there is no smarthost; without either, such mail
+    /// bounces (5.4.4).
+    pub mx: Option<MxRouting>,
+    /// DKIM keys that sign every message as it goes on the wire (none: unsigned).
+    pub dkim: Option<Arc<DkimSigning>>,
     /// Retry schedule.
     pub retry: RetryPolicy,
     /// Most recipients claimed per round.
@@ -84,6 +115,7 @@ struct Inner {
     vault: MailVault,
     settings: QueueSettings,
     wake: Notify,
+    metrics: GatewayMetrics,
 }
 
 impl std::fmt::Debug for OutboundQueue {
@@ -124,7 +156,23 @@ fn wants(notify: &str, what: &str) -> bool {
 impl OutboundQueue {
     /// A queue over the site's store and vault.
     pub fn new(store: Store, vault: MailVault, settings: QueueSettings) -> Self {
-        Self { inner: Arc::new(Inner { store, vault, settings, wake: Notify::new() }) }
+        let metrics = GatewayMetrics::new();
+        Self { inner: Arc::new(Inner { store, vault, settings, wake: Notify::new(), metrics }) }
+    }
+
+    /// This queue (same store, vault and settings), counting sent, deferred and bounced mail
+    /// and delivery latency in `metrics`. Call it at start-up, before the queue runs: clones
+    /// made earlier keep counting where they did.
+    pub fn with_metrics(self, metrics: GatewayMetrics) -> Self {
+        let i = &self.inner;
+        let inner = Inner {
+            store: i.store.clone(),
+            vault: i.vault.clone(),
+            settings: i.settings.clone(),
+            wake: Notify::new(),
+            metrics,
+        };
+        Self { inner: Arc::new(inner) }
     }
 
     /// Queues `message` (plaintext, as submitted) from `sender` to `recipients`, sealed at rest;
@@ -167,6 +215,38 @@ impl OutboundQueue {
         tracing::info!(queue_id = %id, recipients = recipients.len(), size, "message queued");
         self.inner.wake.notify_one();
         Ok(id)
+    }
+
+    /// Sets the queue gauges of the metrics (messages waiting and the oldest one's age, by
+    /// [`WaitReason`]) from the durable queue: called before each scrape.
+    pub async fn update_queue_metrics(&self) -> Result<(), QueueError> {
+        let listing = self.inner.store.queue_listing().await?;
+        let now = SystemTime::now();
+        let mut census: Vec<(WaitReason, qutemail_telemetry::QueueCensus)> = Vec::new();
+        for m in &listing {
+            let age = now.duration_since(m.created_at).unwrap_or_default();
+            let mut reasons: Vec<WaitReason> = m
+                .recipients
+                .iter()
+                .filter(|(_, state, ..)| state == "queued")
+                .map(|(.., reply)| wait_reason(reply.as_deref()))
+                .collect();
+            // A message counts once per reason, however many of its recipients wait for it.
+            reasons.sort_by_key(|r| r.as_str());
+            reasons.dedup();
+            for reason in reasons {
+                match census.iter_mut().find(|(r, _)| *r == reason) {
+                    Some((_, c)) => {
+                        c.messages += 1;
+                        c.oldest_age = c.oldest_age.max(age);
+                    }
+                    None => census
+                        .push((reason, qutemail_telemetry::QueueCensus { messages: 1, oldest_age: age })),
+                }
+            }
+        }
+        self.inner.metrics.set_queue(&census);
+        Ok(())
     }
 
     /// Wakes the runner (new mail, keys arrived, an operator's flush).
@@ -229,25 +309,40 @@ impl OutboundQueue {
                 })
                 .collect()
         };
+        // The metrics' route: the peer's domain, or `other` for mail to non-peer domains.
+        let route_label = match self.route(&d.domain) {
+            Some((_, true)) => d.domain.to_ascii_lowercase(),
+            _ => "other".to_owned(),
+        };
+        // The protection the message went out with (set by `prepare`).
+        let mut mode = Protection::Normal;
         let results = match self.load(d).await {
             Err(e) => {
                 tracing::error!(queue_id = %d.message.queue_id, error = %e, "cannot open a queued message");
-                transient("4.3.0", format!("local error: {e}"), None)
+                transient("4.3.0", format!("{LOCAL_ERROR_PREFIX}: {e}"), None)
             }
-            Ok(plain) => match self.route(&d.domain) {
-                None => permanent(
+            Ok(plain) => match (self.route(&d.domain), &s.mx) {
+                (None, None) => permanent(
                     "5.4.4",
-                    format!("no route to {} (no peer site and no relay configured)", d.domain),
+                    format!("no route to {} (no peer site, relay or MX routing configured)", d.domain),
                     None,
                 ),
-                Some((route, peer)) => match self.prepare(d, peer, &plain).await {
-                    Err(Prepared::Wait(reply)) => transient(KEY_WAIT_STATUS, reply, None),
-                    Err(Prepared::Refuse(reply)) => permanent("5.7.1", reply, None),
-                    Ok(bytes) => self
-                        .send(d, &route, &bytes)
-                        .await
-                        .unwrap_or_else(|e| transient("4.4.1", e, Some(route.target.clone()))),
-                },
+                (route, mx) => {
+                    let peer = route.as_ref().is_some_and(|(_, peer)| *peer);
+                    match self.prepare(d, peer, &plain, &mut mode).await.and_then(|b| self.dkim_sign(d, b)) {
+                        Err(Prepared::Wait(reply)) => transient(KEY_WAIT_STATUS, reply, None),
+                        Err(Prepared::Refuse(reply)) => permanent("5.7.1", reply, None),
+                        Err(Prepared::Local(reply)) => transient("4.3.0", reply, None),
+                        Ok(bytes) => match (route, mx) {
+                            (Some((route, _)), _) => self.send(d, &route, &bytes).await.unwrap_or_else(|e| {
+                                let reply = format!("{UNREACHABLE_PREFIX}: {e}");
+                                transient("4.4.1", reply, Some(route.target.clone()))
+                            }),
+                            (None, Some(mx)) => self.send_by_mx(mx, d, &bytes).await,
+                            (None, None) => permanent("5.4.4", format!("no route to {}", d.domain), None),
+                        },
+                    }
+                }
             },
         };
         let mut outcomes = Vec::new();
@@ -257,12 +352,17 @@ impl OutboundQueue {
             let id = a.recipient.id;
             match a.result {
                 Tried::Delivered(remote, reply) => {
-                    tracing::info!(queue_id = %d.message.queue_id, rcpt = %a.recipient.address, %remote, "delivered");
+                    tracing::info!(queue_id = %d.message.queue_id, rcpt = %a.recipient.address, %remote,
+                        protection = %mode, "delivered");
+                    let queued_for =
+                        SystemTime::now().duration_since(d.message.created_at).unwrap_or_default();
+                    self.inner.metrics.message_sent(&route_label, mode.as_str(), queued_for);
                     outcomes.push((id, QueueOutcome::Delivered { remote, reply }));
                 }
                 Tried::Permanent(status, reply, remote) => {
                     tracing::warn!(queue_id = %d.message.queue_id, rcpt = %a.recipient.address, %status, %reply, "bounced");
                     failed.push(report(&a.recipient, DsnAction::Failed, &status, &reply, &remote));
+                    self.inner.metrics.message_bounced(&route_label);
                     outcomes.push((id, QueueOutcome::Failed { status, reply, remote }));
                 }
                 Tried::Transient(status, reply, remote) => match s
@@ -272,7 +372,10 @@ impl OutboundQueue {
                     NextStep::GiveUp => {
                         let reply = format!("gave up after {} attempts: {reply}", a.recipient.attempts + 1);
                         let status = format!("5{}", &status[1..]);
+                        tracing::warn!(queue_id = %d.message.queue_id, rcpt = %a.recipient.address, %status,
+                            "bounced: gave up");
                         failed.push(report(&a.recipient, DsnAction::Failed, &status, &reply, &remote));
+                        self.inner.metrics.message_bounced(&route_label);
                         outcomes.push((id, QueueOutcome::Failed { status, reply, remote }));
                     }
                     NextStep::RetryIn(delay) => {
@@ -284,8 +387,10 @@ impl OutboundQueue {
                         if warn {
                             delayed.push(report(&a.recipient, DsnAction::Delayed, &status, &reply, &remote));
                         }
-                        tracing::info!(queue_id = %d.message.queue_id, rcpt = %a.recipient.address, %reply,
-                            retry_in_s = delay.as_secs(), "delivery deferred");
+                        let reason = wait_reason(Some(&reply));
+                        tracing::info!(queue_id = %d.message.queue_id, rcpt = %a.recipient.address, %reason,
+                            %reply, retry_in_s = delay.as_secs(), "delivery deferred");
+                        self.inner.metrics.message_deferred(&route_label, reason);
                         outcomes.push((
                             id,
                             QueueOutcome::Retry {
@@ -332,7 +437,13 @@ impl OutboundQueue {
 
     /// The bytes to send: for a peer site, the message sealed with fresh QKD keys (taken now,
     /// at the attempt, so a message waits in the queue while kmd has none).
-    async fn prepare(&self, d: &QueuedDelivery, peer: bool, plain: &[u8]) -> Result<Vec<u8>, Prepared> {
+    async fn prepare(
+        &self,
+        d: &QueuedDelivery,
+        peer: bool,
+        plain: &[u8],
+        mode: &mut Protection,
+    ) -> Result<Vec<u8>, Prepared> {
         let vault = &self.inner.vault;
         let requested = d.message.requested.as_deref().and_then(parse_protection);
         let protection = vault.choose(&d.domain, requested).map_err(|e| Prepared::Refuse(e.to_string()))?;
@@ -348,12 +459,24 @@ impl OutboundQueue {
             inner_len: plain.len() as u64,
         };
         match vault.seal_outbound(order, std::io::Cursor::new(plain.to_vec()), Vec::new()).await {
-            Ok(out) => Ok(out.output),
+            Ok(out) => {
+                *mode = out.protection;
+                Ok(out.output)
+            }
             Err(e @ (VaultError::KeysUnavailable { .. } | VaultError::Kmd { .. } | VaultError::Hsm(_))) => {
-                Err(Prepared::Wait(format!("waiting for QKD keys: {e}")))
+                Err(Prepared::Wait(format!("{KEY_WAIT_PREFIX}: {e}")))
             }
             Err(e) => Err(Prepared::Refuse(e.to_string())),
         }
+    }
+
+    /// The bytes with DKIM signatures over exactly them prepended (when the site signs).
+    fn dkim_sign(&self, d: &QueuedDelivery, bytes: Vec<u8>) -> Result<Vec<u8>, Prepared> {
+        let Some(dkim) = &self.inner.settings.dkim else { return Ok(bytes) };
+        dkim.signed(&bytes).map_err(|e| {
+            tracing::error!(queue_id = %d.message.queue_id, error = %e, "DKIM signing failed");
+            Prepared::Local(format!("{LOCAL_ERROR_PREFIX}: {e}"))
+        })
     }
 
     async fn send(&self, d: &QueuedDelivery, route: &Route, bytes: &[u8]) -> Result<Vec<Attempted>, String> {
@@ -389,7 +512,11 @@ impl OutboundQueue {
             .map_err(|e| e.to_string())?;
         let report =
             client.send_with_dsn(&from, &params, &recipients, bytes).await.map_err(|e| e.to_string())?;
-        let _ = client.quit().await;
+        // QUIT runs on its own: the outcome is recorded without waiting for its round trip, so a
+        // crash after the peer's 250 is less likely to leave the message looking undelivered.
+        tokio::spawn(async move {
+            let _ = client.quit().await;
+        });
         let remote = route.target.clone();
         Ok(d.recipients
             .iter()
@@ -497,6 +624,8 @@ enum Prepared {
     Wait(String),
     /// Never (policy refuses, message unusable): bounce.
     Refuse(String),
+    /// A local problem (signing): retry once the operator fixed it.
+    Local(String),
 }
 
 struct Attempted {

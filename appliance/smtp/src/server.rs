@@ -65,6 +65,12 @@ pub trait SmtpHandler: Send + Sync + 'static {
         envelope: MailEnvelope,
         message: Vec<u8>,
     ) -> impl Future<Output = Result<DeliveryReceipt, Refusal>> + Send;
+
+    /// Told once a connection accepted by [`SmtpServer::run`] has closed, with how long it
+    /// lasted (for the host's metrics). The default does nothing.
+    fn session_ended(&self, duration: Duration) {
+        let _ = duration;
+    }
 }
 
 /// What a listener is for.
@@ -314,9 +320,11 @@ impl<H: SmtpHandler> SmtpServer<H> {
                 async move {
                     match server.connections.clone().try_acquire_owned() {
                         Ok(_permit) => {
+                            let started = std::time::Instant::now();
                             if let Err(e) = server.serve_connection(stream, Some(peer)).await {
                                 tracing::info!(error = %e, "connection ended with an error");
                             }
+                            server.handler.session_ended(started.elapsed());
                         }
                         Err(_) => server.refuse_busy(stream).await,
                     }

@@ -70,6 +70,7 @@
 mod blob;
 mod db;
 mod error;
+mod login_throttle;
 mod password;
 #[cfg(feature = "s3")]
 mod s3;
@@ -82,6 +83,7 @@ pub mod testing;
 pub use blob::{BlobFuture, BlobId, BlobReader, BlobStore, FsBlobStore, StoredBlob};
 pub use db::{SCHEMA_VERSION, sqlite_url};
 pub use error::{AuthError, BlobError, StoreError};
+pub use login_throttle::{LoginGate, LoginThrottle, LoginThrottleSettings};
 pub use password::PasswordParams;
 #[cfg(feature = "s3")]
 pub use s3::{S3BlobStore, S3Config, S3Error};
@@ -89,6 +91,8 @@ pub use store::{
     DEFAULT_MAILBOXES, NewQueueRecipient, NewQueuedMessage, QueueListing, QueueOutcome, QueuedDelivery,
     QueuedMessage, QueuedRecipient, Store, StoreConfig, normalize_address, normalize_mailbox_name,
 };
+// Web API state (schema v3): sessions, reset tokens, settings, uploads, submissions.
+pub use store::{NewUpload, RefreshOutcome, SentRecord, Upload, WebSettings, WebSettingsUpdate};
 pub use types::{
     Account, AccountId, Appended, Backend, Changes, Copied, ExpungeScope, FlagChange, FlagOp, FlagState,
     Flags, FlagsUpdated, Mailbox, MailboxId, MailboxStatus, MessageMeta, NewAccount, NewMessage, NumberSet,

@@ -17,11 +17,13 @@ use crate::password::{self, PasswordParams};
 use crate::types::*;
 
 mod queue;
+mod web;
 
 pub use queue::{
     NewQueueRecipient, NewQueuedMessage, QueueListing, QueueOutcome, QueuedDelivery, QueuedMessage,
     QueuedRecipient,
 };
+pub use web::{NewUpload, RefreshOutcome, SentRecord, Upload, WebSettings, WebSettingsUpdate};
 /// Settings of a [`Store`].
 #[derive(Debug, Clone)]
 pub struct StoreConfig {

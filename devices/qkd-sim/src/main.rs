@@ -1,5 +1,7 @@
 //! The `qkd-sim` command: parses arguments and wires the library's parts together.
 
+mod notify;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -311,10 +313,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             print_status_line(&sim.status());
         }
     };
+    // Under systemd (qkd-sim.service, Type=notify): ready once both ends are up, watchdog
+    // pets from the runtime that drives the simulation.
+    notify::send(&format!("READY=1\nSTATUS=simulating link {}", sim.status().link.link_id));
+    let watchdog = async {
+        let Some(every) = notify::watchdog_interval() else { return std::future::pending().await };
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            notify::send("WATCHDOG=1");
+        }
+    };
     tokio::select! {
         () = printer => {}
+        () = watchdog => {}
         r = tokio::signal::ctrl_c() => r?,
     }
+    notify::send("STOPPING=1");
     if let Some(path) = &control_socket {
         let _ = std::fs::remove_file(path);
     }

@@ -135,6 +135,13 @@ pub async fn run(config: Config, notifier: Notifier, metrics: Arc<Metrics>) -> R
     }
     let etsi_tls = config.etsi014_tls().map_err(|p| AppError::Files(vec![p]))?;
     let peer_tls = config.peer_tls().transpose().map_err(|p| AppError::Files(vec![p]))?;
+    // Expiry of the certificates kmd presents, for the alert rules (image/monitoring/alerts.yml).
+    let mut certificates = vec![("etsi014_server", config.etsi014.server_cert.as_path())];
+    if let Some(p) = &config.peer {
+        certificates
+            .extend([("peer_server", p.server_cert.as_path()), ("peer_client", p.client_cert.as_path())]);
+    }
+    metrics.set_certificate_expiry(&certificates);
 
     // 2. HSM.
     notifier.status("starting: opening the HSM");

@@ -26,6 +26,7 @@
 //! | `kmd_etsi014_requests_total` | counter | `endpoint`, `status` | ETSI 014 requests answered |
 //! | `kmd_etsi014_request_duration_seconds` | histogram | `endpoint`, `status` | ETSI 014 request latency |
 //! | `kmd_peer_sync_state` | gauge | `link`, `state` | 1 for the peer channel's current state per link |
+//! | `kmd_tls_certificate_expiry_timestamp_seconds` | gauge | `certificate` | not-after time of each certificate kmd presents (`etsi014_server`, `peer_server`, `peer_client`), Unix seconds |
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -87,6 +88,11 @@ struct SeverityLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabel {
     op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabel {
+    certificate: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -353,6 +359,7 @@ pub struct Metrics {
     etsi_requests: Family<EtsiLabel, Counter>,
     etsi_duration: HistogramFamily<EtsiLabel>,
     peer_sync: Family<LinkStateLabel, Gauge>,
+    certificate_expiry: Family<CertificateLabel, Gauge>,
 }
 
 impl fmt::Debug for Metrics {
@@ -401,6 +408,7 @@ impl Metrics {
             etsi_requests: Family::default(),
             etsi_duration: Family::new_with_constructor(etsi_histogram),
             peer_sync: Family::default(),
+            certificate_expiry: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -474,6 +482,11 @@ impl Metrics {
             "kmd_peer_sync_state",
             "State of the channel to the peer kmd per link: 1 for the current state, 0 for the others",
             m.peer_sync.clone(),
+        );
+        registry.register(
+            "kmd_tls_certificate_expiry_timestamp_seconds",
+            "Not-after time of each TLS certificate kmd presents, in Unix seconds",
+            m.certificate_expiry.clone(),
         );
         for op in HsmOp::ALL {
             let _ = m.hsm_errors.get_or_create(&OpLabel { op: op.as_str().into() });
@@ -588,6 +601,33 @@ impl Metrics {
         }
     }
 
+    /// Records the not-after time of each `(name, PEM file)` certificate (the first one in the
+    /// file: the leaf of a chain), for the certificate-expiry alert. A file that cannot be read
+    /// or parsed is logged and skipped: start-up has already checked the files, and a missing
+    /// series is itself visible to the alert rules (`absent`).
+    pub fn set_certificate_expiry(&self, certificates: &[(&str, &std::path::Path)]) {
+        for (name, path) in certificates {
+            use rustls::pki_types::CertificateDer;
+            use rustls::pki_types::pem::PemObject as _;
+            let parsed = CertificateDer::from_pem_file(path).map_err(|e| e.to_string()).and_then(|der| {
+                not_after_unix(&der).ok_or_else(|| "no X.509 validity in the first certificate".to_owned())
+            });
+            match parsed {
+                Ok(not_after) => {
+                    self.certificate_expiry
+                        .get_or_create(&CertificateLabel { certificate: (*name).into() })
+                        .set(not_after);
+                }
+                Err(e) => tracing::warn!(
+                    certificate = name,
+                    path = %path.display(),
+                    error = %e,
+                    "cannot read the certificate's expiry for kmd_tls_certificate_expiry_timestamp_seconds"
+                ),
+            }
+        }
+    }
+
     /// The exposition, Prometheus text format 0.0.4.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(8192);
@@ -595,6 +635,63 @@ impl Metrics {
         let _ = prometheus_text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// `notAfter` of a DER X.509 certificate, Unix seconds (RFC 5280 § 4.1: Certificate →
+/// tbsCertificate → [version], serialNumber, signature, issuer, validity { notBefore, notAfter }).
+/// Read by hand: rcgen 0.14 no longer parses certificates into parameters, and the walk is short.
+fn not_after_unix(der: &[u8]) -> Option<i64> {
+    /// One DER element: tag, contents, what follows.
+    fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = input.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            (rest[..n].iter().fold(0usize, |acc, &b| (acc << 8) | usize::from(b)), &rest[n..])
+        };
+        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+    }
+    let (0x30, certificate, _) = tlv(der)? else { return None };
+    let (0x30, tbs, _) = tlv(certificate)? else { return None };
+    let (tag, _, mut rest) = tlv(tbs)?;
+    if tag == 0xa0 {
+        // [0] version; the serial number follows.
+        rest = tlv(rest)?.2;
+    }
+    let rest = tlv(rest)?.2; // signature algorithm
+    let rest = tlv(rest)?.2; // issuer
+    let (0x30, validity, _) = tlv(rest)? else { return None };
+    let (_, _, after_not_before) = tlv(validity)?;
+    let (tag, time, _) = tlv(after_not_before)?;
+    let text = std::str::from_utf8(time).ok()?.strip_suffix('Z')?;
+    let (year, rest) = match tag {
+        // UTCTime YYMMDDHHMMSSZ: 50..99 are 19xx (RFC 5280 § 4.1.2.5.1).
+        0x17 => {
+            let yy: i64 = text.get(..2)?.parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, text.get(2..)?)
+        }
+        // GeneralizedTime YYYYMMDDHHMMSSZ.
+        0x18 => (text.get(..4)?.parse().ok()?, text.get(4..)?),
+        _ => return None,
+    };
+    if rest.len() != 10 || !rest.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let field = |i: usize| rest.get(i..i + 2).and_then(|f| f.parse::<i64>().ok());
+    let (month, day, hour, minute, second) = (field(0)?, field(2)?, field(4)?, field(6)?, field(8)?);
+    // Days from 1970-01-01 to the civil date (H. Hinnant's days_from_civil).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hour * 3600 + minute * 60 + second)
 }
 
 fn link_label(link: &str) -> LinkLabel {
@@ -654,5 +751,36 @@ mod tests {
         assert!(text.contains("# TYPE kmd_key_blocks_received_total counter\n"), "{text}");
         assert!(text.contains("kmd_peer_sync_state{link=\"A-B\",state=\"down\"} 1\n"), "{text}");
         assert!(!text.contains("# EOF"), "0.0.4 text has no EOF marker");
+    }
+
+    #[test]
+    fn certificate_expiry_is_the_not_after_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["kmd.test".into()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2031, 1, 2);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let path = dir.path().join("server.pem");
+        std::fs::write(&path, cert.pem()).unwrap();
+        let m = Metrics::new();
+        m.set_certificate_expiry(&[
+            ("etsi014_server", &path),
+            ("peer_client", &dir.path().join("missing.pem")),
+        ]);
+        let text = m.encode();
+        // 2031-01-02T00:00:00Z
+        assert!(
+            text.contains(
+                "kmd_tls_certificate_expiry_timestamp_seconds{certificate=\"etsi014_server\"} 1925078400\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("peer_client"), "an unreadable file gives no series: {text}");
+        // After 2049 the time is a GeneralizedTime rather than a UTCTime (2051-03-04T00:00:00Z).
+        params.not_after = rcgen::date_time_ymd(2051, 3, 4);
+        std::fs::write(&path, params.self_signed(&key).unwrap().pem()).unwrap();
+        m.set_certificate_expiry(&[("peer_server", &path)]);
+        let text = m.encode();
+        assert!(text.contains("{certificate=\"peer_server\"} 2561500800\n"), "{text}");
     }
 }

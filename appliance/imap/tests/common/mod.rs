@@ -14,7 +14,7 @@ use qutemail_hsm::HsmKeyWrapper;
 use qutemail_hsm::testing::SoftHsmEnv;
 use qutemail_imap::{ImapConfig, ImapServer};
 use qutemail_store::testing::TestStore;
-use qutemail_store::{Account, Backend, Flags, Mailbox, NewAccount};
+use qutemail_store::{Account, Backend, Flags, LoginThrottle, LoginThrottleSettings, Mailbox, NewAccount};
 use qutemail_vault::{AppendRequest, MailVault, Protection, SiteDirectory, SiteKeys, VaultSettings};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -26,6 +26,14 @@ pub const ALICE_PASSWORD: &str = "correct horse battery";
 pub const BOB: &str = "bob@a.example";
 pub const BOB_PASSWORD: &str = "bob's own password";
 pub const MAX_MESSAGE: u64 = 1024 * 1024;
+/// Failed logins in the tests: short delays, an address refused after six failures.
+pub const LOGIN_THROTTLE: LoginThrottleSettings = LoginThrottleSettings {
+    free_failures: 3,
+    first_delay: Duration::from_millis(500),
+    max_delay: Duration::from_secs(1),
+    refuse_address_after: 6,
+    forget_after: Duration::from_secs(600),
+};
 
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().expect("runtime")
@@ -108,7 +116,7 @@ impl Site {
 
         let mut config = ImapConfig::new(Arc::new(server_tls));
         config.max_message_bytes = MAX_MESSAGE;
-        config.login_backoff = Duration::from_secs(60);
+        config.login_throttle = Arc::new(LoginThrottle::new(LOGIN_THROTTLE));
         tune(&mut config);
         let server = ImapServer::new(config, store.store.clone(), vault.clone());
         let plain_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

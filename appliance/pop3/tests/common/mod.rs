@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use qutemail_hsm::HsmKeyWrapper;
 use qutemail_hsm::testing::SoftHsmEnv;
-use qutemail_pop3::{LoginLimits, Pop3Config, Pop3Server};
+use qutemail_pop3::{Pop3Config, Pop3Server};
 use qutemail_store::testing::TestStore;
-use qutemail_store::{Backend, MailboxId, NewAccount, Selection};
+use qutemail_store::{Backend, LoginThrottle, LoginThrottleSettings, MailboxId, NewAccount, Selection};
 use qutemail_vault::{AppendRequest, MailVault, Protection, SiteDirectory, SiteKeys, VaultSettings};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -71,8 +71,15 @@ pub fn tls_config(ca: &etsi014::pki::Ca) -> Arc<rustls::ServerConfig> {
     Arc::new(config)
 }
 
-pub fn test_limits() -> LoginLimits {
-    LoginLimits { per_account: 4, per_address: 50, window: Duration::from_secs(600) }
+/// Failed logins in the tests: short delays, an address refused after four failures.
+pub fn test_throttle() -> LoginThrottleSettings {
+    LoginThrottleSettings {
+        free_failures: 2,
+        first_delay: Duration::from_millis(200),
+        max_delay: Duration::from_millis(500),
+        refuse_address_after: 4,
+        forget_after: Duration::from_secs(600),
+    }
 }
 
 impl Site {
@@ -105,8 +112,7 @@ impl Site {
         let ca_file = dir.join("ca.pem");
         std::fs::write(&ca_file, ca.ca_pem()).unwrap();
         let mut config = Pop3Config::new(tls_config(&ca));
-        config.login_limits = test_limits();
-        config.failed_login_delay = Duration::from_millis(10);
+        config.login_throttle = std::sync::Arc::new(LoginThrottle::new(test_throttle()));
         tune(&mut config);
 
         let server = Pop3Server::new(config, store.store.clone(), vault.clone());
@@ -190,7 +196,7 @@ impl Site {
             "password": PASSWORD,
             "expected_dir": expected,
             "out_file": out_file,
-            "per_account_limit": test_limits().per_account,
+            "per_address_limit": test_throttle().refuse_address_after,
         });
         let config_file = self.dir.join(format!("{scenario}.json"));
         std::fs::write(&config_file, config.to_string()).unwrap();
@@ -303,6 +309,14 @@ impl Site {
 
     /// A client on port 995, logged in as alice.
     pub async fn tls_client(&self) -> RawClient<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        self.tls_client_from("127.0.0.1").await
+    }
+
+    /// A client on port 995 from `source` (any 127.0.0.0/8 address), logged in as alice.
+    pub async fn tls_client_from(
+        &self,
+        source: &str,
+    ) -> RawClient<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
             roots.add(cert.unwrap()).unwrap();
@@ -314,7 +328,9 @@ impl Site {
                 .with_root_certificates(roots)
                 .with_no_client_auth();
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.tls_port)).await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        let tcp = socket.connect(([127, 0, 0, 1], self.tls_port).into()).await.unwrap();
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
         let tls = connector.connect(name, tcp).await.unwrap();
         let mut c = RawClient::new(tls);

@@ -1,0 +1,934 @@
+//! `cargo xtask image`: the appliance's Debian 12 disk image, and its boot test in qemu.
+//!
+//! `build` debootstraps Debian 12 (minbase and `image/build/packages.txt`) into a directory,
+//! adds the project's release binaries, the units of `image/systemd/` and the overlay of
+//! `image/rootfs/` (firewall, sysctl and journald settings, first-boot provisioning), applies the
+//! unit presets and makes an ext4 image of it with `mke2fs -d` (no loop device, no mount). The
+//! kernel and initrd are copied out beside it: the boot test boots them directly (`-kernel`), so
+//! the image needs no boot loader.
+//!
+//! `boot-test` builds the image and boots it under qemu's software emulation with a provisioning
+//! drop (a second virtual disk labelled `QMPROVISION` holding a CA that this command made, so it
+//! can talk mutual TLS to the appliance) and `qkd-sim`'s device on the guest's second UART, then
+//! checks over forwarded ports what an operator would: kmd answers ETSI GS QKD 014 status and
+//! its device link is up, the gateway's socket unit answers SMTP on port 25, the web UI loads.
+//!
+//! Debootstrap's downloads and the installed base system are cached under
+//! `$CARGO_TARGET_DIR/image/cache/`, keyed by the package list, so a rebuild takes a minute.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use etsi014::client::{ClientOptions, ClientTlsConfig, Etsi014Client};
+use serde::Serialize;
+
+use crate::system;
+
+const DEBIAN_SUITE: &str = "bookworm";
+const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
+/// The image's size; the file is sparse, so this is the root file system's room to grow.
+const IMAGE_SIZE: &str = "3G";
+const ROOT_LABEL: &str = "qutemail-root";
+/// The binaries the image ships: (cargo package, binary).
+const BINARIES: &[(&str, &str)] = &[("kmd", "kmd"), ("qutemail-gateway", "qutemail"), ("qkd-sim", "qkd-sim")];
+
+/// The site the boot test provisions.
+const TEST_DOMAIN: &str = "boot.qutemail.test";
+const TEST_KME: &str = "KME-BOOT";
+const TEST_PEER_KME: &str = "KME-PEER";
+const TEST_APP_SAE: &str = "BOOT-app";
+const TEST_PEER_SAE: &str = "PEER-mail";
+const TEST_LINK: &str = "link-boot";
+/// Generous: the first boot under software emulation also makes keys and certificates.
+const BOOT_DEADLINE: Duration = Duration::from_secs(900);
+
+/// Host packages for building the image, and for booting it.
+const BUILD_PACKAGES: &[(&str, &str)] = &[
+    ("debootstrap", "installs Debian 12 into the image's root directory"),
+    ("e2fsprogs", "mke2fs -d makes the ext4 image from that directory"),
+    ("binutils", "strip: the image's binaries without debug sections"),
+    ("systemd", "systemctl --root applies the image's unit presets"),
+];
+const BOOT_PACKAGES: &[(&str, &str)] =
+    &[("openssl", "the boot test's provisioning CA"), ("curl", "the boot test loads the web UI over HTTPS")];
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    /// Build the appliance image (as root): debootstrap Debian 12, install the binaries, units
+    /// and settings, make an ext4 image. Writes qutemail.img, vmlinuz, initrd.img, cmdline.txt.
+    Build {
+        /// Output directory [default: $CARGO_TARGET_DIR/image/out].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Build the image and boot it in qemu (software emulation) with a simulated QKD device,
+    /// checking ETSI GS QKD 014, SMTP on port 25 and the web UI over forwarded ports.
+    BootTest {
+        /// Output directory for the image [default: $CARGO_TARGET_DIR/image/out].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Write the checks' results as JSON to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Skip (and say so) when image/ and this command are unchanged since the boot test last
+        /// passed on this machine.
+        #[arg(long)]
+        if_changed: bool,
+    },
+}
+
+pub fn run(command: ImageCommand) -> anyhow::Result<()> {
+    match command {
+        ImageCommand::Build { out } => {
+            let built = build(&out.unwrap_or_else(default_out))?;
+            eprintln!("image: {}", built.image.display());
+            eprintln!("kernel: {} (initrd {})", built.kernel.display(), built.initrd.display());
+            Ok(())
+        }
+        ImageCommand::BootTest { out, report, if_changed } => {
+            boot_test(&out.unwrap_or_else(default_out), report.as_deref(), if_changed)
+        }
+    }
+}
+
+fn default_out() -> PathBuf {
+    work_dir().join("out")
+}
+
+/// `$CARGO_TARGET_DIR/image`: caches, the root directory, the output.
+fn work_dir() -> PathBuf {
+    system::target_dir("image")
+}
+
+/// What `build` made.
+struct BuiltImage {
+    image: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    /// Kernel arguments after `console=` and `root=`.
+    cmdline: String,
+}
+
+fn build(out: &Path) -> anyhow::Result<BuiltImage> {
+    if !system::is_root() {
+        bail!(
+            "building the image needs root (debootstrap chroots, and the image's files must belong to root and the daemons' users)"
+        );
+    }
+    system::ensure_packages(BUILD_PACKAGES, true)?;
+    let started = Instant::now();
+    let root_dir = system::workspace_root();
+    let packages = read_list(&root_dir.join("image/build/packages.txt"))?;
+    let cmdline = read_list(&root_dir.join("image/build/cmdline.txt"))?.join(" ");
+
+    eprintln!("image: building the release binaries");
+    let mut cargo = system::cargo();
+    cargo.args(["build", "--release", "--quiet"]);
+    for (package, _) in BINARIES {
+        cargo.args(["-p", package]);
+    }
+    if !cargo.status().context("running cargo build --release")?.success() {
+        bail!("building the release binaries failed");
+    }
+
+    let work = work_dir();
+    let cache = work.join("cache");
+    std::fs::create_dir_all(&cache)?;
+    let key = sha256_hex(format!("{DEBIAN_SUITE} {DEBIAN_MIRROR} {}", packages.join(",")).as_bytes())?;
+    let key = &key[..16];
+    let base = base_system(&cache, key, &packages)?;
+
+    let rootfs = work.join("rootfs");
+    remove_dir(&rootfs)?;
+    eprintln!("image: copying the base system");
+    exec(Command::new("cp").arg("-a").arg(&base).arg(&rootfs), "copying the base system")?;
+    install_appliance(&root_dir, &rootfs)?;
+
+    std::fs::create_dir_all(out)?;
+    let kernel = out.join("vmlinuz");
+    let initrd = out.join("initrd.img");
+    std::fs::copy(newest(&rootfs.join("boot"), "vmlinuz-")?, &kernel).context("copying the kernel")?;
+    std::fs::copy(newest(&rootfs.join("boot"), "initrd.img-")?, &initrd).context("copying the initrd")?;
+    std::fs::write(out.join("cmdline.txt"), format!("root=LABEL={ROOT_LABEL} rw {cmdline}\n"))?;
+
+    let image = out.join("qutemail.img");
+    let _ = std::fs::remove_file(&image);
+    eprintln!("image: mke2fs -d");
+    exec(
+        Command::new("mke2fs")
+            .args(["-q", "-F", "-t", "ext4", "-L", ROOT_LABEL, "-E", "root_owner=0:0", "-d"])
+            .arg(&rootfs)
+            .arg(&image)
+            .arg(IMAGE_SIZE),
+        "making the ext4 image (mke2fs -d)",
+    )?;
+    eprintln!("image: built in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(BuiltImage { image, kernel, initrd, cmdline })
+}
+
+/// The base system (debootstrap of the package list), cached by `key`: the downloaded packages
+/// as debootstrap's tarball, and the installed directory.
+fn base_system(cache: &Path, key: &str, packages: &[String]) -> anyhow::Result<PathBuf> {
+    let base = cache.join(format!("base-{key}"));
+    if base.join("etc/debian_version").is_file() {
+        return Ok(base);
+    }
+    let tarball = cache.join(format!("debootstrap-{key}.tgz"));
+    let include = format!("--include={}", packages.join(","));
+    if !tarball.is_file() {
+        eprintln!("image: downloading Debian {DEBIAN_SUITE} packages (debootstrap --make-tarball)");
+        let partial = cache.join(format!("debootstrap-{key}.tgz.partial"));
+        let scratch = cache.join(format!("make-tarball-{key}"));
+        remove_dir(&scratch)?;
+        exec(
+            Command::new("debootstrap")
+                .args(["--variant=minbase", &include])
+                .arg(format!("--make-tarball={}", partial.display()))
+                .arg(DEBIAN_SUITE)
+                .arg(&scratch)
+                .arg(DEBIAN_MIRROR),
+            "debootstrap --make-tarball",
+        )?;
+        remove_dir(&scratch)?;
+        std::fs::rename(&partial, &tarball)?;
+    }
+    eprintln!("image: installing the base system (debootstrap --unpack-tarball)");
+    let partial = cache.join(format!("base-{key}.partial"));
+    remove_dir(&partial)?;
+    exec(
+        Command::new("debootstrap")
+            .args(["--variant=minbase", &include])
+            .arg(format!("--unpack-tarball={}", tarball.display()))
+            .arg(DEBIAN_SUITE)
+            .arg(&partial)
+            .arg(DEBIAN_MIRROR),
+        "debootstrap --unpack-tarball",
+    )?;
+    // What debootstrap leaves behind that an image must not carry.
+    for leftover in ["var/cache/apt/archives", "var/lib/apt/lists"] {
+        let dir = partial.join(leftover);
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_file() {
+                std::fs::remove_file(&path)?;
+            }
+        }
+    }
+    std::fs::rename(&partial, &base)?;
+    Ok(base)
+}
+
+/// Installs the binaries, units, documentation and the overlay into `rootfs` and makes it an
+/// appliance: presets applied, root locked, no host identity.
+fn install_appliance(root_dir: &Path, rootfs: &Path) -> anyhow::Result<()> {
+    eprintln!("image: installing QuteMail");
+    let bin = system::target_dir("release");
+    for (_, name) in BINARIES {
+        let dest = rootfs.join("usr/bin").join(name);
+        std::fs::copy(bin.join(name), &dest).with_context(|| format!("installing {name}"))?;
+        exec(Command::new("strip").arg("--strip-debug").arg(&dest), "strip")?;
+        set_mode(&dest, 0o755)?;
+    }
+
+    let units = root_dir.join("image/systemd");
+    let mut names: Vec<PathBuf> =
+        std::fs::read_dir(&units)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+    names.sort();
+    for path in names {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let dest = if name.ends_with(".service") || name.ends_with(".socket") || name.ends_with(".timer") {
+            rootfs.join("usr/lib/systemd/system").join(name)
+        } else if name.ends_with(".sysusers") {
+            rootfs.join("usr/lib/sysusers.d").join(name.replace(".sysusers", ".conf"))
+        } else if name.ends_with(".tmpfiles") {
+            rootfs.join("usr/lib/tmpfiles.d").join(name.replace(".tmpfiles", ".conf"))
+        } else if name.ends_with(".rules") {
+            rootfs.join("usr/lib/udev/rules.d").join(name)
+        } else if name.ends_with(".md") {
+            rootfs.join("usr/share/doc/qutemail/systemd").join(name)
+        } else {
+            bail!(
+                "image/systemd/{name}: not a unit, sysusers.d, tmpfiles.d, udev rule or README; where does it go?"
+            );
+        };
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::copy(&path, &dest).with_context(|| format!("installing {}", path.display()))?;
+        set_mode(&dest, 0o644)?;
+    }
+
+    // The documentation the units point at (Documentation=file:/usr/share/doc/qutemail/...).
+    let doc = rootfs.join("usr/share/doc/qutemail");
+    std::fs::create_dir_all(&doc)?;
+    for entry in std::fs::read_dir(root_dir.join("docs"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "md")
+            && let Some(name) = path.file_name()
+        {
+            std::fs::copy(&path, doc.join(name))?;
+        }
+    }
+
+    // The overlay: configuration and the first-boot script, modes as in the repository.
+    exec(
+        Command::new("cp")
+            .args(["-R", "--preserve=mode", "--no-preserve=ownership"])
+            .arg(root_dir.join("image/rootfs/."))
+            .arg(rootfs),
+        "copying image/rootfs",
+    )?;
+
+    // The web UI's listener: first boot adds the [web] table when the gateway has one; otherwise
+    // its socket stays off (the gateway refuses a socket for a listener it does not serve).
+    if gateway_has_web() {
+        let dest = rootfs.join("usr/share/qutemail");
+        std::fs::create_dir_all(&dest)?;
+        std::fs::copy(gateway_web_table(), dest.join("gateway-web.toml"))?;
+    } else {
+        std::fs::write(
+            rootfs.join("usr/lib/systemd/system-preset/05-qutemail-no-web.preset"),
+            "# This gateway build has no web UI yet (xtask image: no image/build/gateway-web.toml).\n\
+             disable qutemail-gateway-web.socket\n",
+        )?;
+    }
+    // Presets decide what starts (usr/lib/systemd/system-preset/10-qutemail.preset); systemctl
+    // --root works on a directory without a running systemd.
+    exec(
+        Command::new("systemctl").arg(format!("--root={}", rootfs.display())).arg("preset-all"),
+        "systemctl preset-all",
+    )?;
+    // No password for root (console login only if the provisioning drop sets one); no host
+    // identity: machine-id empty (systemd makes one and applies the presets on first boot).
+    exec(Command::new("chroot").arg(rootfs).args(["passwd", "--lock", "root"]), "locking root")?;
+    std::fs::write(rootfs.join("etc/machine-id"), "")?;
+    // Without logind, getty-static.service starts gettys on tty2-6; one console getty is enough.
+    let _ = std::fs::remove_file(rootfs.join("etc/systemd/system/getty-static.service"));
+    std::os::unix::fs::symlink("/dev/null", rootfs.join("etc/systemd/system/getty-static.service"))?;
+    let _ = std::fs::remove_file(rootfs.join("var/lib/dbus/machine-id"));
+    let resolv = rootfs.join("etc/resolv.conf");
+    let _ = std::fs::remove_file(&resolv);
+    std::os::unix::fs::symlink("../run/systemd/resolve/stub-resolv.conf", &resolv)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The boot test.
+
+/// The boot test's findings, as `--report` writes them.
+#[derive(Serialize, Default)]
+struct Report {
+    /// `passed`, `failed` or `skipped`.
+    status: String,
+    /// Why it was skipped, or what failed.
+    reason: Option<String>,
+    inputs_sha256: String,
+    build_seconds: Option<f64>,
+    boot_seconds: Option<f64>,
+    /// The first-boot stamp's `done` line seen on the console.
+    firstboot_done: bool,
+    smtp_banner: Option<String>,
+    etsi014_status: Option<serde_json::Value>,
+    /// `kmd_device_link_state{link=…,state="up"}` from kmd's metrics.
+    device_link_up: Option<bool>,
+    key_blocks_received: Option<f64>,
+    /// HTTP status and the start of the page from `GET /`.
+    web_status: Option<u16>,
+    web_page_start: Option<String>,
+    /// Set when the gateway has no web UI yet, so only SMTP and ETSI 014 were checked.
+    web_pending: Option<String>,
+    console_log: PathBuf,
+}
+
+fn boot_test(out: &Path, report_path: Option<&Path>, if_changed: bool) -> anyhow::Result<()> {
+    let inputs = inputs_hash()?;
+    let stamp = work_dir().join("boot-test.passed");
+    let mut report = Report { inputs_sha256: inputs.clone(), ..Report::default() };
+    if if_changed && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == inputs) {
+        let reason = format!(
+            "image boot test SKIPPED: image/ (units included) and the image tooling are unchanged since the boot test last passed on this machine (inputs sha256 {inputs}; remove {} to force a run)",
+            stamp.display()
+        );
+        eprintln!("{reason}");
+        report.status = "skipped".into();
+        report.reason = Some(reason);
+        return write_report(report_path, &report);
+    }
+    let result = boot_test_run(out, &mut report);
+    match &result {
+        Ok(()) => {
+            report.status = "passed".into();
+            // Recorded only if nothing changed while it ran, so the record names what booted.
+            if inputs_hash()? == inputs {
+                std::fs::write(&stamp, format!("{inputs}\n"))?;
+            } else {
+                eprintln!(
+                    "boot test: image/ or the tooling changed during the run; the pass is not recorded"
+                );
+            }
+        }
+        Err(e) => {
+            report.status = "failed".into();
+            report.reason = Some(format!("{e:#}"));
+        }
+    }
+    write_report(report_path, &report)?;
+    result
+}
+
+fn write_report(path: Option<&Path>, report: &Report) -> anyhow::Result<()> {
+    let json = serde_json::to_string_pretty(report)?;
+    match path {
+        Some(p) => std::fs::write(p, json).with_context(|| format!("writing {}", p.display())),
+        None => {
+            println!("{json}");
+            Ok(())
+        }
+    }
+}
+
+/// SHA-256 over what decides whether the image could boot differently: every file under image/
+/// (the units are in image/systemd/) and the tooling that builds and tests it.
+fn inputs_hash() -> anyhow::Result<String> {
+    let root = system::workspace_root();
+    let mut files = Vec::new();
+    collect_files(&root.join("image"), &mut files)?;
+    files.push(root.join("xtask/src/image.rs"));
+    files.push(root.join("tests/tests/image_boot.rs"));
+    files.sort();
+    let mut all = Vec::new();
+    for f in files {
+        let rel = f.strip_prefix(&root).unwrap_or(&f);
+        all.extend_from_slice(rel.to_string_lossy().as_bytes());
+        all.push(0);
+        if let Ok(bytes) = std::fs::read(&f) {
+            all.extend_from_slice(&sha256_hex(&bytes)?.into_bytes());
+        }
+        all.push(b'\n');
+    }
+    sha256_hex(&all)
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_files(&path, out)?;
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Ends the boot test's processes however it ends.
+struct Processes(Vec<(&'static str, Child)>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (name, child) in self.0.iter_mut().rev() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!("boot test: stopped {name}");
+        }
+    }
+}
+
+fn boot_test_run(out: &Path, report: &mut Report) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let built = build(out)?;
+    report.build_seconds = Some(started.elapsed().as_secs_f64());
+    system::ensure_packages(BOOT_PACKAGES, true)?;
+    ensure_qemu()?;
+
+    let dir = work_dir().join("boot-test");
+    remove_dir(&dir)?;
+    std::fs::create_dir_all(&dir)?;
+    let console = dir.join("console.log");
+    report.console_log = console.clone();
+
+    // The site CA, made here and handed to first boot in the drop, so this side holds an SAE
+    // client certificate the appliance's kmd trusts.
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki)?;
+    make_test_pki(&pki)?;
+    let drop = dir.join("drop");
+    std::fs::create_dir_all(&drop)?;
+    std::fs::copy(pki.join("ca.pem"), drop.join("ca.pem"))?;
+    std::fs::copy(pki.join("ca.key"), drop.join("ca.key"))?;
+    std::fs::write(
+        drop.join("provision.conf"),
+        format!(
+            "# Provisioning drop of the image boot test (docs/operations.md, First boot).\n\
+             SITE_DOMAIN={TEST_DOMAIN}\nSITE_NAME=Boot test\nKME_ID={TEST_KME}\nAPP_SAE_IDS={TEST_APP_SAE}\n\
+             LINK_ID={TEST_LINK}\nLINK_PEER_KME_ID={TEST_PEER_KME}\nLINK_PEER_URL=https://kmd.peer.qutemail.test:8444\n\
+             LINK_PEER_SAE_IDS={TEST_PEER_SAE}\nLINK_DEVICE=/dev/qkd0\nLINK_BAUD_RATE=115200\n"
+        ),
+    )?;
+    let drop_image = dir.join("provision.img");
+    exec(
+        Command::new("mke2fs")
+            .args(["-q", "-F", "-t", "ext4", "-L", "QMPROVISION", "-d"])
+            .arg(&drop)
+            .arg(&drop_image)
+            .arg("8M"),
+        "making the provisioning drop",
+    )?;
+
+    // The simulated QKD device: one end on a pty that qemu connects to the guest's ttyS1.
+    let sim_config = dir.join("qkd-sim.toml");
+    std::fs::write(
+        &sim_config,
+        format!(
+            "# The boot test's simulated link: the guest's kmd holds one end (over its UART), nobody the other.\n\
+             link_id = \"{TEST_LINK}\"\n\n[physics]\ndistance_km = 25.0\npulse_rate_hz = 1.0e8\n\n\
+             [blocks]\nsifted_bits_per_block = 8192\nmax_key_bytes = 512\n\n[serial]\nbaud_rate = 115200\n\n\
+             [alice]\ndevice_id = \"QSIM-BOOT-A\"\n\n[bob]\ndevice_id = \"QSIM-BOOT-B\"\n"
+        ),
+    )?;
+    let sim_state = dir.join("qkd-sim.json");
+    let sim_log = std::fs::File::create(dir.join("qkd-sim.log"))?;
+    let sim = Command::new(system::target_dir("release").join("qkd-sim"))
+        .arg("run")
+        .arg("--config")
+        .arg(&sim_config)
+        .arg("--control-socket")
+        .arg(dir.join("qkd-sim.sock"))
+        .arg("--state-file")
+        .arg(&sim_state)
+        .args(["--print-every", "0"])
+        .stdin(Stdio::null())
+        .stdout(sim_log.try_clone()?)
+        .stderr(sim_log)
+        .spawn()
+        .context("starting qkd-sim")?;
+    let mut processes = Processes(vec![("qkd-sim", sim)]);
+    let sim_info = wait_for_json(&sim_state, Duration::from_secs(60))?;
+    let pty = sim_info["alice"]["pty"]
+        .as_str()
+        .with_context(|| format!("{} names no alice.pty", sim_state.display()))?
+        .to_string();
+
+    // The disk the guest writes to is a copy: the built image stays as built.
+    let disk = dir.join("disk.img");
+    exec(
+        Command::new("cp").arg("--sparse=always").arg(&built.image).arg(&disk),
+        "copying the image for the boot",
+    )?;
+    let ports = Ports::pick()?;
+    let hostfwd = [(ports.smtp, 25), (ports.web, 443), (ports.etsi014, 8443), (ports.metrics, 9464)]
+        .iter()
+        .map(|(host, guest)| format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"))
+        .collect::<String>();
+    // The journal goes to the console too, so a failed boot leaves its reasons in console.log.
+    let append = format!(
+        "console=ttyS0,115200 root=/dev/vda rw {} systemd.journald.forward_to_console=1 \
+         systemd.journald.max_level_console=info",
+        built.cmdline
+    );
+    let qemu_log = std::fs::File::create(dir.join("qemu.log"))?;
+    eprintln!("boot test: booting under qemu (TCG); console: {}", console.display());
+    let boot_started = Instant::now();
+    let qemu = Command::new("qemu-system-x86_64")
+        .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1536"])
+        .args(["-nographic", "-no-reboot", "-monitor", "none"])
+        .arg("-kernel")
+        .arg(&built.kernel)
+        .arg("-initrd")
+        .arg(&built.initrd)
+        .args(["-append", &append])
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=raw,cache=unsafe", disk.display()))
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=raw,readonly=on", drop_image.display()))
+        .args(["-netdev", &format!("user,id=net0{hostfwd}"), "-device", "virtio-net-pci,netdev=net0"])
+        .args(["-device", "virtio-rng-pci"])
+        // ttyS0: the console into a file; ttyS1: the simulated QKD device's pty.
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-serial")
+        .arg(&pty)
+        .stdin(Stdio::null())
+        .stdout(qemu_log.try_clone()?)
+        .stderr(qemu_log)
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    processes.0.push(("qemu", qemu));
+
+    let deadline = Instant::now() + BOOT_DEADLINE;
+    let alive = |processes: &mut Processes| -> anyhow::Result<()> {
+        for (name, child) in processes.0.iter_mut() {
+            if let Some(status) = child.try_wait()? {
+                bail!("{name} exited ({status}); see {}", dir.display());
+            }
+        }
+        Ok(())
+    };
+
+    // 1. SMTP on port 25, served by the gateway through its socket unit.
+    let banner =
+        poll(deadline, &mut processes, &alive, "the SMTP banner on port 25", || smtp_banner(ports.smtp))?;
+    eprintln!("boot test: SMTP after {:.0} s: {banner}", boot_started.elapsed().as_secs_f64());
+    if !banner.starts_with("220 ") || !banner.contains(&format!("mail.{TEST_DOMAIN}")) {
+        bail!("the SMTP banner is not the gateway's: {banner:?}");
+    }
+    report.smtp_banner = Some(banner);
+    report.firstboot_done =
+        std::fs::read_to_string(&console).is_ok_and(|c| c.contains("qutemail-firstboot: done"));
+
+    // 2. ETSI GS QKD 014 status over mutual TLS, as the app SAE, for the pair with the peer site.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let tls = ClientTlsConfig::from_files(
+        &pki.join("ca.pem"),
+        &pki.join(format!("{TEST_APP_SAE}.pem")),
+        &pki.join(format!("{TEST_APP_SAE}.key")),
+    )?;
+    let options = ClientOptions { timeout: Duration::from_secs(20), ..ClientOptions::default() };
+    let client = Etsi014Client::with_options(&format!("https://127.0.0.1:{}", ports.etsi014), tls, options)?;
+    let status = poll(deadline, &mut processes, &alive, "kmd's ETSI 014 status", || {
+        rt.block_on(client.status(TEST_PEER_SAE)).map_err(|e| e.to_string())
+    })?;
+    if status.source_kme_id != TEST_KME || status.target_kme_id != TEST_PEER_KME {
+        bail!("ETSI 014 status names other KMEs: {status:?}");
+    }
+    report.etsi014_status = Some(serde_json::to_value(&status)?);
+    eprintln!("boot test: ETSI 014 status: {}", serde_json::to_string(&status)?);
+
+    // 3. kmd opened its serial device (under its unit, through /dev/qkd0) and receives blocks.
+    let (up, blocks) =
+        poll(deadline, &mut processes, &alive, "kmd's device link up with key blocks", || {
+            let text = http_get_plain(ports.metrics, "/metrics")?;
+            let up = metric(&text, &format!("kmd_device_link_state{{link=\"{TEST_LINK}\",state=\"up\"}}"));
+            let blocks = received_blocks(&text);
+            match (up, blocks) {
+                (Some(u), Some(b)) if u == 1.0 && b > 0.0 => Ok((true, b)),
+                _ => Err(format!("link up {up:?}, blocks received {blocks:?}")),
+            }
+        })?;
+    report.device_link_up = Some(up);
+    report.key_blocks_received = Some(blocks);
+    eprintln!("boot test: device link up, {blocks} key blocks received");
+
+    // 4. The web UI over HTTPS (port 443 through its socket unit).
+    if gateway_has_web() {
+        let (code, page) = poll(deadline, &mut processes, &alive, "the web UI on port 443", || {
+            https_get(ports.web, &pki.join("ca.pem"))
+        })?;
+        report.web_status = Some(code);
+        report.web_page_start = Some(page.chars().take(200).collect());
+        if code != 200 || !page.to_ascii_lowercase().contains("<html") {
+            bail!("GET / on the web UI answered {code}: {page:.200}");
+        }
+    } else {
+        let why = "the gateway has no [web] listener yet (appliance/web in progress): web UI not checked"
+            .to_string();
+        eprintln!("boot test: {why}");
+        report.web_pending = Some(why);
+    }
+    report.boot_seconds = Some(boot_started.elapsed().as_secs_f64());
+    eprintln!(
+        "boot test: passed ({:.0} s build, {:.0} s boot to checks done)",
+        report.build_seconds.unwrap_or_default(),
+        boot_started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The `[web]` table first boot adds to qutemail.toml, present once the gateway serves a web UI.
+fn gateway_web_table() -> PathBuf {
+    system::workspace_root().join("image/build/gateway-web.toml")
+}
+
+/// Whether this gateway build serves a web UI (`image/build/gateway-web.toml` exists).
+fn gateway_has_web() -> bool {
+    gateway_web_table().is_file()
+}
+
+/// Host ports forwarded to the guest.
+struct Ports {
+    smtp: u16,
+    web: u16,
+    etsi014: u16,
+    metrics: u16,
+}
+
+impl Ports {
+    /// Four free ports (bound and released; qemu binds them a moment later).
+    fn pick() -> anyhow::Result<Self> {
+        let listeners: Vec<TcpListener> =
+            (0..4).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+        let port = |i: usize| listeners[i].local_addr().map(|a| a.port());
+        Ok(Self { smtp: port(0)?, web: port(1)?, etsi014: port(2)?, metrics: port(3)? })
+    }
+}
+
+/// Calls `attempt` until it succeeds or the deadline passes, checking that the processes live.
+fn poll<T>(
+    deadline: Instant,
+    processes: &mut Processes,
+    alive: &dyn Fn(&mut Processes) -> anyhow::Result<()>,
+    what: &str,
+    mut attempt: impl FnMut() -> Result<T, String>,
+) -> anyhow::Result<T> {
+    loop {
+        alive(processes)?;
+        let last = match attempt() {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        if Instant::now() > deadline {
+            bail!("{what}: no answer before the deadline (last: {last})");
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+fn smtp_banner(port: u16) -> Result<String, String> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).map_err(|e| e.to_string())?;
+    // user-mode networking accepts and then closes while nothing listens in the guest.
+    if line.is_empty() {
+        return Err("connection closed without a banner".into());
+    }
+    let _ = (&stream).write_all(b"QUIT\r\n");
+    Ok(line.trim_end().to_string())
+}
+
+fn http_get_plain(port: u16, path: &str) -> Result<String, String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    if !text.starts_with("HTTP/1.1 200") {
+        return Err(format!("answer: {:.80}", text));
+    }
+    Ok(text)
+}
+
+fn https_get(port: u16, ca: &Path) -> Result<(u16, String), String> {
+    let out = Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "30", "--cacert"])
+        .arg(ca)
+        .arg("--resolve")
+        .arg(format!("mail.{TEST_DOMAIN}:{port}:127.0.0.1"))
+        .args(["--write-out", "\n%{http_code}"])
+        .arg(format!("https://mail.{TEST_DOMAIN}:{port}/"))
+        .output()
+        .map_err(|e| format!("running curl: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (page, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    Ok((code.trim().parse().map_err(|_| format!("curl printed no status: {code}"))?, page.to_string()))
+}
+
+/// The value of the sample whose name and labels are exactly `series`.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// All key blocks kmd received, summed over links and results.
+fn received_blocks(text: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("kmd_key_blocks_received_total"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+        .collect();
+    if values.is_empty() { None } else { Some(values.iter().sum()) }
+}
+
+/// The test's site CA and the app SAE's client certificate, with openssl (ECDSA P-256).
+fn make_test_pki(dir: &Path) -> anyhow::Result<()> {
+    let ca_ext = dir.join("ca.cnf");
+    std::fs::write(
+        &ca_ext,
+        "[req]\ndistinguished_name=dn\n[dn]\n[v3_ca]\nbasicConstraints=critical,CA:TRUE,pathlen:0\n\
+         keyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n",
+    )?;
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        exec(Command::new("openssl").current_dir(dir).args(args), &format!("openssl {}", args[0]))
+    };
+    openssl(&[
+        "genpkey",
+        "-quiet",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        "ca.key",
+    ])?;
+    openssl(&[
+        "req",
+        "-new",
+        "-x509",
+        "-key",
+        "ca.key",
+        "-subj",
+        "/CN=QuteMail boot test CA",
+        "-days",
+        "7",
+        "-config",
+        "ca.cnf",
+        "-extensions",
+        "v3_ca",
+        "-out",
+        "ca.pem",
+    ])?;
+    let key = format!("{TEST_APP_SAE}.key");
+    let csr = format!("{TEST_APP_SAE}.csr");
+    let pem = format!("{TEST_APP_SAE}.pem");
+    std::fs::write(
+        dir.join("client.ext"),
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )?;
+    openssl(&["genpkey", "-quiet", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", &key])?;
+    openssl(&["req", "-new", "-key", &key, "-subj", &format!("/CN={TEST_APP_SAE}"), "-out", &csr])?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "7",
+        "-extfile",
+        "client.ext",
+        "-out",
+        &pem,
+    ])?;
+    Ok(())
+}
+
+/// qemu-system-x86 from bookworm-backports: Debian 12's own qemu-system-x86 (7.2) cannot be
+/// installed beside the backported qemu-utils (10.0) that some machines carry (qemu-utils
+/// Breaks: qemu-system-common << 8.0, so apt would remove it); the backport matches it, and works
+/// the same on a machine without it.
+fn ensure_qemu() -> anyhow::Result<()> {
+    if Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    if !system::is_root() {
+        bail!("qemu-system-x86_64 is missing: run `cargo xtask image boot-test` as root to install it");
+    }
+    let sources = Path::new("/etc/apt/sources.list.d/qutemail-bookworm-backports.sources");
+    let has_backports = std::fs::read_dir("/etc/apt/sources.list.d")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("bookworm-backports")))
+        })
+        .unwrap_or(false)
+        || std::fs::read_to_string("/etc/apt/sources.list").is_ok_and(|t| t.contains("bookworm-backports"));
+    if !has_backports {
+        std::fs::write(
+            sources,
+            "# Added by `cargo xtask image boot-test` for qemu-system-x86 (xtask/src/image.rs).\n\
+             Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\n\
+             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+        )?;
+    }
+    exec(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"), "apt-get update")?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", "-t", "bookworm-backports", "qemu-system-x86"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get install -t bookworm-backports qemu-system-x86",
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers.
+
+fn exec(command: &mut Command, what: &str) -> anyhow::Result<()> {
+    let status =
+        command.status().with_context(|| format!("{what}: cannot start {:?}", command.get_program()))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn sha256_hex(data: &[u8]) -> anyhow::Result<String> {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running sha256sum")?;
+    child.stdin.take().context("sha256sum's stdin")?.write_all(data)?;
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.split_whitespace().next().unwrap_or_default().to_string())
+}
+
+/// The non-comment, non-empty lines of a list file.
+fn read_list(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect())
+}
+
+/// The file in `dir` whose name starts with `prefix`, the last in version order.
+fn newest(dir: &Path, prefix: &str) -> anyhow::Result<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix)))
+        .collect();
+    found.sort();
+    found.pop().with_context(|| format!("no {prefix}* in {}", dir.display()))
+}
+
+fn remove_dir(dir: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {}", path.display()))
+}
+
+fn wait_for_json(path: &Path, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(value) = serde_json::from_str(&text)
+        {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("{} did not appear within {} s", path.display(), timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
