@@ -10,27 +10,19 @@
 //! fail (tampered body), DMARC reject → 550 with nothing stored, quarantine → Junk, a temporary
 //! DNS failure → 451 and a later retry gets through.
 
-use std::io::{BufRead as _, BufReader, Write as _};
+mod common;
+
+use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use qutemail_hsm::testing::{SOFTHSM_MODULE, isolated};
+use common::{Running, add_account, listener as addr, qutemail, site_config, write_tls};
+use qutemail_hsm::testing::isolated;
 use serde_json::Value;
 
 const TOKEN: &str = "gateway";
 const PASSWORD: &str = "alice-pass-1";
-
-/// A child process ended on drop (its standard input closing ends the Python servers).
-struct Running(Child, Option<ChildStdin>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        drop(self.1.take());
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn python() -> String {
     std::env::var("QUTEMAIL_PYTHON").unwrap_or_else(|_| "python3".into())
@@ -62,23 +54,6 @@ fn run_json(args: &[&str]) -> Value {
     let out = Command::new(python()).args(args).output().unwrap();
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {:?}", out.stdout))
-}
-
-fn qutemail(args: &[&str], config: &Path, stdin: Option<&str>) -> std::process::Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qutemail"))
-        .arg(args[0])
-        .arg("--config")
-        .arg(config)
-        .args(&args[1..])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(text) = stdin {
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    }
-    child.wait_with_output().unwrap()
 }
 
 fn openssl(args: &[&str]) -> Vec<u8> {
@@ -129,25 +104,9 @@ impl Zone {
 }
 
 fn config(dir: &Path, pin: &Path, dns_port: u16, mx_port: u16, extra: &str) -> String {
-    format!(
-        r#"[site]
-domain = "a.test"
-site_keys = "{d}/site-keys.json"
-
-[hsm]
-module_path = "{SOFTHSM_MODULE}"
-token = {{ label = "{TOKEN}" }}
-pin = {{ file = "{pin}" }}
-wrapping_key_label = "gateway-kek"
-
-[store]
-sqlite = "{d}/mail.sqlite"
-blob_dir = "{d}/blobs"
-
-[tls]
-cert = "{d}/mail.pem"
-key = "{d}/mail.key"
-
+    site_config(dir, pin, TOKEN)
+        + &format!(
+            r#"
 [smtp]
 hostname = "mx.a.test"
 mx_listen = "127.0.0.1:0"
@@ -167,38 +126,16 @@ check = true
 [queue]
 mx_port = {mx_port}
 retry = {{ delays_s = [1, 2] }}
-{extra}"#,
-        d = dir.display(),
-        pin = pin.display()
-    )
+{extra}"#
+        )
 }
 
-/// Starts `qutemail serve`; returns it and its `READY` line.
+/// Starts `qutemail serve` (its log on the test's standard error); returns it and its
+/// `READY` line.
 fn serve(config_path: &Path) -> (Running, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qutemail"))
-        .args(["serve", "--config"])
-        .arg(config_path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let running = Running(child, None);
-    let mut ready = String::new();
-    BufReader::new(stdout).read_line(&mut ready).unwrap();
-    assert!(ready.starts_with("READY "), "{ready:?}");
-    (running, ready)
+    common::serve(config_path, Stdio::inherit())
 }
 
-fn addr(ready: &str, name: &str) -> String {
-    ready
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{name}=")))
-        .unwrap_or_else(|| panic!("{name} in {ready:?}"))
-        .to_owned()
-}
-
-/// The messages in one of alice's folders, read over IMAP.
 fn folder(imap: &str, dir: &Path, name: &str) -> Vec<String> {
     let out = dir.join(format!("fetch-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
@@ -237,17 +174,14 @@ fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 
 /// Common set-up: CA and server certificate, the DNS server, an account.
 fn prepare(dir: &Path) -> (Zone, Running, u16) {
-    let ca = etsi014::pki::Ca::new("mail auth test CA").unwrap();
-    ca.server(&["localhost", "127.0.0.1", "mx.a.test"]).unwrap().write(dir, "mail").unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.ca_pem()).unwrap();
+    write_tls(dir, "mail auth test CA", &["localhost", "127.0.0.1", "mx.a.test"]);
     let zone = Zone::new(dir.join("zone.json"));
     let (dns, port) = python_server("dns_server.py", &[&zone.path]);
     (zone, dns, port)
 }
 
 fn add_alice(config_path: &Path) {
-    let out = qutemail(&["account", "add", "alice@a.test"], config_path, Some(&format!("{PASSWORD}\n")));
-    assert!(out.status.success(), "account add: {}", String::from_utf8_lossy(&out.stderr));
+    add_account(config_path, "alice@a.test", PASSWORD);
 }
 
 #[test]

@@ -4,44 +4,22 @@
 //! cannot take waits in the queue with the reason `peer_unreachable`, and `promtool check
 //! metrics` accepts the exposition.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+mod common;
+
+use std::io::{Read as _, Write as _};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use qutemail_hsm::testing::{SOFTHSM_MODULE, isolated};
+use common::{add_account, listener, qutemail, serve, site_config, write_tls};
+use qutemail_hsm::testing::isolated;
 
 const TOKEN: &str = "gateway-metrics";
 
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn config(dir: &Path, pin: &Path, relay: &str) -> String {
-    format!(
-        r#"[site]
-domain = "a.test"
-site_keys = "{d}/site-keys.json"
-
-[hsm]
-module_path = "{SOFTHSM_MODULE}"
-token = {{ label = "{TOKEN}" }}
-pin = {{ file = "{pin}" }}
-wrapping_key_label = "gateway-kek"
-
-[store]
-sqlite = "{d}/mail.sqlite"
-blob_dir = "{d}/blobs"
-
-[tls]
-cert = "{d}/mail.pem"
-key = "{d}/mail.key"
-
+    site_config(dir, pin, TOKEN)
+        + &format!(
+            r#"
 [smtp]
 hostname = "mail.a.test"
 mx_listen = "127.0.0.1:0"
@@ -58,27 +36,8 @@ delays_s = [3600]
 
 [metrics]
 listen = "127.0.0.1:0"
-"#,
-        d = dir.display(),
-        pin = pin.display()
-    )
-}
-
-fn qutemail(args: &[&str], config: &Path, stdin: Option<&str>) -> std::process::Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qutemail"))
-        .arg(args[0])
-        .arg("--config")
-        .arg(config)
-        .args(&args[1..])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(text) = stdin {
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    }
-    child.wait_with_output().unwrap()
+"#
+        )
 }
 
 /// `GET /metrics` over plain HTTP/1.1, as Prometheus does: (status line, content type, body).
@@ -140,9 +99,7 @@ fn scrape_until(addr: &str, what: &str, done: impl Fn(&str) -> bool) -> String {
 fn counters_move_by_what_was_sent_and_the_exposition_passes_promtool() {
     isolated("counters_move_by_what_was_sent_and_the_exposition_passes_promtool", &[TOKEN], |env| {
         let dir = &env.dir;
-        let ca = etsi014::pki::Ca::new("metrics test CA").unwrap();
-        ca.server(&["localhost", "127.0.0.1"]).unwrap().write(dir, "mail").unwrap();
-        std::fs::write(dir.join("ca.pem"), ca.ca_pem()).unwrap();
+        write_tls(dir, "metrics test CA", &["localhost", "127.0.0.1"]);
         // A relay address nobody listens on: mail for other domains must wait in the queue.
         let relay = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -151,28 +108,10 @@ fn counters_move_by_what_was_sent_and_the_exposition_passes_promtool() {
         let config_path = dir.join("qutemail.toml");
         std::fs::write(&config_path, config(dir, &env.pin_file, &relay)).unwrap();
         for (user, password) in [("alice@a.test", "alice-pass-1"), ("bob@a.test", "bob-pass-1")] {
-            let out = qutemail(&["account", "add", user], &config_path, Some(&format!("{password}\n")));
-            assert!(out.status.success(), "account add: {}", String::from_utf8_lossy(&out.stderr));
+            add_account(&config_path, user, password);
         }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_qutemail"))
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let serve = Serve(child);
-        let mut ready = String::new();
-        BufReader::new(stdout).read_line(&mut ready).unwrap();
-        assert!(ready.starts_with("READY "), "{ready:?}");
-        let addr = |name: &str| {
-            ready
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{name}=")))
-                .unwrap_or_else(|| panic!("{name} in {ready:?}"))
-                .to_owned()
-        };
+        let (serve, ready) = serve(&config_path, Stdio::null());
+        let addr = |name: &str| listener(&ready, name);
         let metrics = addr("metrics");
 
         // Before any mail: the families are there, nothing counted, the queue empty.

@@ -3,103 +3,39 @@
 //! and external senders, external to external, percent hack, source route — on ports 25, 587
 //! and 465. Only local delivery and an account's own submissions get through.
 
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
 
-use qutemail_hsm::testing::{SOFTHSM_MODULE, isolated};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::{add_account, listener, serve, site_config, write_tls};
+use qutemail_hsm::testing::isolated;
 
 const TOKEN: &str = "gateway";
 
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn config(dir: &Path, pin: &Path) -> String {
-    format!(
-        r#"[site]
-domain = "a.test"
-site_keys = "{d}/site-keys.json"
-
-[hsm]
-module_path = "{SOFTHSM_MODULE}"
-token = {{ label = "{TOKEN}" }}
-pin = {{ file = "{pin}" }}
-wrapping_key_label = "gateway-kek"
-
-[store]
-sqlite = "{d}/mail.sqlite"
-blob_dir = "{d}/blobs"
-
-[tls]
-cert = "{d}/mail.pem"
-key = "{d}/mail.key"
-
+    site_config(dir, pin, TOKEN)
+        + r#"
 [smtp]
 hostname = "mail.a.test"
 mx_listen = "127.0.0.1:0"
 submission_listen = "127.0.0.1:0"
 submissions_listen = "127.0.0.1:0"
-"#,
-        d = dir.display(),
-        pin = pin.display()
-    )
-}
-
-fn qutemail(args: &[&str], config: &Path, stdin: Option<&str>) -> std::process::Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qutemail"))
-        .arg(args[0])
-        .arg("--config")
-        .arg(config)
-        .args(&args[1..])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(text) = stdin {
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    }
-    child.wait_with_output().unwrap()
+"#
 }
 
 #[test]
 fn no_open_relay_on_any_port() {
     isolated("no_open_relay_on_any_port", &[TOKEN], |env| {
         let dir = &env.dir;
-        let ca = etsi014::pki::Ca::new("relay test CA").unwrap();
-        ca.server(&["localhost", "127.0.0.1"]).unwrap().write(dir, "mail").unwrap();
-        std::fs::write(dir.join("ca.pem"), ca.ca_pem()).unwrap();
+        write_tls(dir, "relay test CA", &["localhost", "127.0.0.1"]);
         let config_path = dir.join("qutemail.toml");
         std::fs::write(&config_path, config(dir, &env.pin_file)).unwrap();
         for (user, password) in [("alice@a.test", "alice-pass-1"), ("bob@a.test", "bob-pass-1")] {
-            let out = qutemail(&["account", "add", user], &config_path, Some(&format!("{password}\n")));
-            assert!(out.status.success(), "account add: {}", String::from_utf8_lossy(&out.stderr));
+            add_account(&config_path, user, password);
         }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_qutemail"))
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let serve = Serve(child);
-        let mut ready = String::new();
-        BufReader::new(stdout).read_line(&mut ready).unwrap();
-        assert!(ready.starts_with("READY "), "{ready:?}");
-        let addr = |name: &str| {
-            ready
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{name}=")))
-                .unwrap_or_else(|| panic!("{name} in {ready:?}"))
-                .to_owned()
-        };
+        let (serve, ready) = serve(&config_path, Stdio::null());
+        let addr = |name: &str| listener(&ready, name);
         let python = std::env::var("QUTEMAIL_PYTHON").unwrap_or_else(|_| "python3".into());
         let out = Command::new(python)
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/relay_matrix.py"))

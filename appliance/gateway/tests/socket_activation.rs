@@ -3,6 +3,8 @@
 //! `FileDescriptorName=` names), and `Type=notify` messages (`READY=1`, `WATCHDOG=1`,
 //! `STOPPING=1`) read from a `NOTIFY_SOCKET` datagram socket as PID 1 reads them.
 
+mod common;
+
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
@@ -10,55 +12,25 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use qutemail_hsm::testing::{SOFTHSM_MODULE, isolated};
+use common::{Running, site_config, write_tls};
+use qutemail_hsm::testing::isolated;
 
 const TOKEN: &str = "gateway";
-
-/// Kills the gateway if a test fails before stopping it.
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A gateway configuration whose MX listener names an address this machine cannot bind
 /// (TEST-NET-1): mail reaches it only through a socket systemd passes in.
 fn config(dir: &Path, pin: &Path) -> String {
-    format!(
-        r#"[site]
-domain = "a.test"
-site_keys = "{d}/site-keys.json"
-
-[hsm]
-module_path = "{SOFTHSM_MODULE}"
-token = {{ label = "{TOKEN}" }}
-pin = {{ file = "{pin}" }}
-wrapping_key_label = "gateway-kek"
-
-[store]
-sqlite = "{d}/mail.sqlite"
-blob_dir = "{d}/blobs"
-
-[tls]
-cert = "{d}/mail.pem"
-key = "{d}/mail.key"
-
+    site_config(dir, pin, TOKEN)
+        + r#"
 [smtp]
 hostname = "mail.a.test"
 mx_listen = "192.0.2.1:25"
 submission_listen = "127.0.0.1:0"
-"#,
-        d = dir.display(),
-        pin = pin.display()
-    )
+"#
 }
 
 fn write_site(dir: &Path, pin: &Path) -> std::path::PathBuf {
-    let ca = etsi014::pki::Ca::new("socket activation test CA").unwrap();
-    ca.server(&["localhost", "127.0.0.1"]).unwrap().write(dir, "mail").unwrap();
+    write_tls(dir, "socket activation test CA", &["localhost", "127.0.0.1"]);
     let config_path = dir.join("qutemail.toml");
     std::fs::write(&config_path, config(dir, pin)).unwrap();
     config_path
@@ -140,7 +112,7 @@ fn serve_takes_the_smtp_socket_from_systemd_and_reports_to_notify_socket() {
         let mut child = socket_activated_serve(port, "smtp-mx", &config_path, Some(&notify_path));
         let stdout = child.stdout.take().unwrap();
         let mut stderr = child.stderr.take().unwrap();
-        let serve = Serve(child);
+        let serve = Running(child, None);
 
         // The first connection makes systemd-socket-activate start the gateway, which then
         // accepts it from the passed socket and greets.
