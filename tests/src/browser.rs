@@ -155,10 +155,30 @@ impl Browser {
         }
     }
 
-    /// Clicks the displayed element matching `css`.
+    /// Clicks the displayed element matching `css` (found again if the page re-rendered it
+    /// between finding and clicking).
     pub async fn click(&self, css: &str) {
-        let e = self.visible(css).await;
-        e.click().await.unwrap_or_else(|err| panic!("clicking {css}: {err}"));
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            match self.visible(css).await.click().await {
+                Ok(()) => return,
+                Err(err) if is_stale(&err) && Instant::now() < deadline => {}
+                Err(err) => panic!("clicking {css}: {err}"),
+            }
+        }
+    }
+
+    /// The text of the displayed element matching `css` (read again if the page re-rendered it
+    /// in between).
+    pub async fn text(&self, css: &str) -> String {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            match self.visible(css).await.text().await {
+                Ok(text) => return text,
+                Err(err) if is_stale(&err) && Instant::now() < deadline => {}
+                Err(err) => panic!("reading {css}: {err}"),
+            }
+        }
     }
 
     /// Replaces the value of the input matching `css` with `text`, typed as a user would.
@@ -255,4 +275,9 @@ fn wait_until_listening(port: u16) {
         assert!(Instant::now() < deadline, "chromedriver did not listen on port {port} within 30 s");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// True when `err` says the element is no longer in the page (the page re-rendered it).
+pub fn is_stale(err: &fantoccini::error::CmdError) -> bool {
+    err.to_string().contains("stale element")
 }

@@ -236,13 +236,13 @@ async fn scenario(demo: &LiveDemo) {
     b.fill("#compose-subject", &format!("Too big for OTP {nonce}")).await;
     attach(&b, &too_big).await;
     b.click("#mode-otp").await;
-    let warning = b.visible("#otp-warning").await.text().await.unwrap();
+    let warning = b.text("#otp-warning").await;
     assert!(warning.contains("One-Time Pad"), "{warning}");
     b.click("#send-button").await;
     // Refused in the page, before any request: the button never turned into "Sending…". That
     // nothing reached Bob is checked at B below.
     b.visible("#otp-warning").await;
-    let button = b.visible("#send-button").await.text().await.unwrap();
+    let button = b.text("#send-button").await;
     assert_eq!(button.trim(), "Send", "the OTP message over the limit is being sent");
     let too_big_subject = format!("Too big for OTP {nonce}");
 
@@ -281,19 +281,14 @@ async fn scenario(demo: &LiveDemo) {
         wait_for_row(&b, subject).await;
     }
     dismiss_toasts(&b).await;
-    let list = b.visible("#message-list").await.text().await.unwrap();
+    let list = b.text("#message-list").await;
     assert!(!list.contains(&too_big_subject), "the OTP message over the limit reached Bob");
     b.screenshot("inbox").await;
     for (mode, subject, filename, bytes) in &expected {
-        let row = wait_for_row(&b, subject).await;
-        let badges = row.find_all(Locator::Css(".badge-quantum")).await.unwrap();
+        let (badge, bad) = open_row(&b, subject).await;
         let quantum = *mode != "normal";
-        assert_eq!(!badges.is_empty(), quantum, "{mode}: Quantum Secured badge in the list");
-        assert!(
-            row.find_all(Locator::Css(".badge-bad")).await.unwrap().is_empty(),
-            "{mode} failed verification"
-        );
-        row.find(Locator::Css(".row-open")).await.unwrap().click().await.unwrap();
+        assert_eq!(badge, quantum, "{mode}: Quantum Secured badge in the list");
+        assert!(!bad, "{mode} failed verification");
         b.with_text("#message-subject", subject).await;
         assert!(
             b.client.find_all(Locator::Css("#verification-warning")).await.unwrap().is_empty(),
@@ -302,7 +297,7 @@ async fn scenario(demo: &LiveDemo) {
         if quantum {
             b.click("#badge-toggle").await;
             b.visible("#certificate-panel").await;
-            let shown = b.visible("#cert-mode").await.text().await.unwrap();
+            let shown = b.text("#cert-mode").await;
             let want = match *mode {
                 "hybrid" => "Hybrid",
                 "qaes" => "Quantum-Aided AES",
@@ -311,9 +306,9 @@ async fn scenario(demo: &LiveDemo) {
             assert!(shown.contains(want), "{mode}: the certificate says {shown:?}");
             let keys = b.client.find_all(Locator::Css("#cert-key-ids li")).await.unwrap();
             assert!(!keys.is_empty(), "{mode}: the certificate lists no key ID");
-            let signature = b.visible("#cert-signature").await.text().await.unwrap();
+            let signature = b.text("#cert-signature").await;
             assert!(signature.contains("Valid"), "{mode}: signature {signature:?}");
-            let qber = b.visible("#cert-qber").await.text().await.unwrap();
+            let qber = b.text("#cert-qber").await;
             assert!(qber.ends_with('%'), "{mode}: QBER at key time {qber:?}");
             if *mode == "hybrid" {
                 dismiss_toasts(&b).await;
@@ -345,8 +340,17 @@ async fn scenario(demo: &LiveDemo) {
     body.send_keys(&char::from(Key::Escape).to_string()).await.unwrap();
     b.gone("#shortcuts-dialog").await;
     // j / k move the cursor, o opens, u goes back to the list.
-    let subjects = b.client.find_all(Locator::Css("#message-list .row .subject")).await.unwrap();
-    let second = subjects[1].text().await.unwrap();
+    // Read in the page in one step: the list re-renders itself, so found elements can go stale.
+    let second = b
+        .js(
+            "const s = document.querySelectorAll('#message-list .row .subject'); \
+             return s.length > 1 ? s[1].textContent.trim() : null;",
+            vec![],
+        )
+        .await
+        .as_str()
+        .expect("a second message in the list")
+        .to_owned();
     b.js("document.activeElement && document.activeElement.blur();", vec![]).await;
     body.send_keys("jjk").await.unwrap();
     b.with_text("#message-list .row.cursor .subject", &second).await;
@@ -447,6 +451,30 @@ async fn wait_for_row(b: &Browser, subject: &str) -> fantoccini::elements::Eleme
     }
 }
 
+/// Reads the list row of `subject` (has it the Quantum Secured badge, a failed-verification
+/// mark?) and opens it. The list refreshes itself and replaces its rows, so a row found a moment
+/// ago can be stale: then the row is looked up again.
+async fn open_row(b: &Browser, subject: &str) -> (bool, bool) {
+    let deadline = Instant::now() + DELIVERY;
+    loop {
+        let row = wait_for_row(b, subject).await;
+        let attempt = async {
+            let badge = !row.find_all(Locator::Css(".badge-quantum")).await?.is_empty();
+            let bad = !row.find_all(Locator::Css(".badge-bad")).await?.is_empty();
+            row.find(Locator::Css(".row-open")).await?.click().await?;
+            Ok::<_, fantoccini::error::CmdError>((badge, bad))
+        }
+        .await;
+        match attempt {
+            Ok(found) => return found,
+            Err(e) if qutemail_e2e::browser::is_stale(&e) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("opening the row of {subject:?}: {e}"),
+        }
+    }
+}
+
 /// Opens the reset mail for `account` in the open mailbox and returns its text.
 async fn wait_for_reset_mail(b: &Browser, account: &str) -> String {
     let deadline = Instant::now() + DELIVERY;
@@ -464,7 +492,7 @@ async fn wait_for_reset_mail(b: &Browser, account: &str) -> String {
         if let Some((id, row)) = candidate {
             opened.insert(id);
             row.find(Locator::Css(".row-open")).await.unwrap().click().await.unwrap();
-            let body = b.visible("#message-body").await.text().await.unwrap();
+            let body = b.text("#message-body").await;
             if body.contains(account) {
                 return body;
             }
