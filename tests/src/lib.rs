@@ -4,6 +4,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod browser;
+pub mod gateway;
+pub mod site;
+
+pub use gateway::{DemoGateway, wait_for};
+pub use site::{gateway_metrics, pop3_fetch, python, sample, submit};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {

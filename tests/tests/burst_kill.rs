@@ -4,20 +4,20 @@
 //! the burst one gateway is killed with SIGKILL and started again the way the demo starts it
 //! (same binary, same configuration, same token). Once A's queue is empty, Bob's INBOX (read
 //! over IMAP) holds every message that got a 250 at A, nothing that was refused or never sent,
-//! and the sampled messages byte for byte as they were submitted. Each arrives exactly once,
-//! except that the one delivery in flight at the kill may arrive twice: a known gap of issue #5
-//! (B does not yet recognise a re-sealed retry), tolerated and reported, never more.
+//! and the sampled messages byte for byte as they were submitted. Each arrives exactly once:
+//! when a gateway dies between B storing a message and A recording the delivery, A re-seals the
+//! retry under new QKD keys and B recognises the repeat by its verified sender site and bound
+//! Message-ID (`qutemail_gateway_peer_repeated_deliveries_total` counts them).
 //!
 //! First B is killed (A's queue keeps the messages and retries), then A (its queue resumes
 //! after the restart).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use qutemail_e2e::{LiveDemo, workspace_root};
+use qutemail_e2e::{DemoGateway, LiveDemo, python, wait_for, workspace_root};
 
 /// The burst the issue names.
 const MESSAGES: usize = 1000;
@@ -25,109 +25,6 @@ const MESSAGES: usize = 1000;
 const CONNECTIONS: usize = 8;
 /// The gateway is killed once this many messages were accepted.
 const KILL_AFTER: usize = 300;
-
-fn python() -> String {
-    std::env::var("QUTEMAIL_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-/// A gateway this test started again after killing the demo's; stopped with SIGTERM on drop so
-/// that the demo's fixed ports are free for the next run.
-struct Restarted(Child);
-
-impl Drop for Restarted {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// One site's gateway: how the demo runs it, and which process runs it now.
-struct Gateway {
-    site: serde_json::Value,
-    exe: PathBuf,
-    pid: u32,
-    restarted: Option<Restarted>,
-}
-
-impl Gateway {
-    fn of(demo: &LiveDemo, name: &str) -> Gateway {
-        let site = demo.site(name).clone();
-        let pid = site["gateway"]["pid"].as_u64().expect("sites.X.gateway.pid") as u32;
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("the gateway's binary");
-        Gateway { site, exe, pid, restarted: None }
-    }
-
-    fn config(&self) -> PathBuf {
-        PathBuf::from(self.site["gateway"]["config"].as_str().unwrap())
-    }
-
-    fn qutemail(&self, args: &[&str]) -> String {
-        let out = Command::new(&self.exe)
-            .arg(args[0])
-            .arg("--config")
-            .arg(self.config())
-            .args(&args[1..])
-            .env("SOFTHSM2_CONF", self.site["hsm"]["softhsm2_conf"].as_str().unwrap())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "qutemail {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// SIGKILL, then waits until the process is gone and its ports are closed.
-    fn kill_hard(&mut self) {
-        let status = Command::new("kill").args(["-KILL", &self.pid.to_string()]).status().unwrap();
-        assert!(status.success(), "kill -9 {}", self.pid);
-        if let Some(mut r) = self.restarted.take() {
-            let _ = r.0.wait();
-            std::mem::forget(r);
-        }
-        let submission = self.site["gateway"]["smtp_submission"].as_str().unwrap().to_owned();
-        wait_for("the killed gateway's ports to close", Duration::from_secs(30), || {
-            let state = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
-            // A zombie (state Z) until the demo reaps it: its sockets are closed already.
-            let gone =
-                state.is_empty() || state.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
-            gone && std::net::TcpStream::connect(&submission).is_err()
-        });
-    }
-
-    /// Starts `qutemail serve` again as the demo does and waits for its READY line.
-    fn restart(&mut self, log: &Path) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let mut child = Command::new(&self.exe)
-            .args(["serve", "--config"])
-            .arg(self.config())
-            .env("SOFTHSM2_CONF", self.site["hsm"]["softhsm2_conf"].as_str().unwrap())
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut ready = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut ready).unwrap();
-        assert!(ready.starts_with("READY "), "the restarted gateway did not come up: {ready:?}");
-        self.pid = child.id();
-        self.restarted = Some(Restarted(child));
-    }
-}
-
-fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} did not happen within {limit:?}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
 
 /// What the submitting client saw, per message number.
 #[derive(Debug, Default)]
@@ -191,7 +88,7 @@ fn markers_at_b(b: &serde_json::Value, run: &str, dir: &Path) -> BTreeMap<usize,
 }
 
 /// One burst with `victim` killed mid-way and restarted; checks exactly-once delivery.
-fn burst_with_a_kill(demo: &LiveDemo, gateways: &mut [Gateway; 2], victim: usize, run: &str) {
+fn burst_with_a_kill(demo: &LiveDemo, gateways: &mut [DemoGateway; 2], victim: usize, run: &str) {
     let dir = demo.dir.path().join(format!("burst-{run}"));
     std::fs::create_dir_all(&dir).unwrap();
     let (a, b) = (gateways[0].site.clone(), gateways[1].site.clone());
@@ -226,7 +123,7 @@ fn burst_with_a_kill(demo: &LiveDemo, gateways: &mut [Gateway; 2], victim: usize
     assert!(seen.refused.is_empty(), "refused at submission: {:?}", seen.refused);
 
     wait_for("A's queue to empty", Duration::from_secs(300), || {
-        gateways[0].qutemail(&["queue", "list"]).contains("the queue is empty")
+        gateways[0].qutemailctl(&["queue", "list"]).contains("the queue is empty")
     });
     let delivered = started.elapsed();
     let at_b = markers_at_b(&b, run, &dir);
@@ -243,18 +140,7 @@ fn burst_with_a_kill(demo: &LiveDemo, gateways: &mut [Gateway; 2], victim: usize
         at_b.len()
     );
     assert!(missing.is_empty(), "accepted with 250 but lost: {missing:?}");
-    // Known gap (issue #5, still open): when a gateway dies between B storing a message and A
-    // recording the delivery, A re-seals the retry under a new QKD key and B cannot tell it is
-    // the same delivery, so the one message in flight at the kill can arrive twice. Until B
-    // deduplicates by a delivery ID, exactly that is tolerated — and reported — here; anything
-    // more is a failure.
-    if !duplicated.is_empty() {
-        eprintln!("KNOWN GAP (#5): the delivery in flight at the kill arrived twice: {duplicated:?}");
-    }
-    assert!(
-        duplicated.len() <= 1 && duplicated.iter().all(|(_, copies)| *copies == 2),
-        "delivered more than once beyond the one delivery in flight (message, copies): {duplicated:?}"
-    );
+    assert!(duplicated.is_empty(), "delivered more than once (message, copies): {duplicated:?}");
     assert!(extra.is_empty(), "delivered but never accepted or attempted: {extra:?}");
     // Byte for byte: Bob's copy ends with exactly what Alice's client sent.
     let mut compared = 0;
@@ -278,7 +164,7 @@ fn a_burst_survives_kill_9_of_either_gateway_exactly_once() {
         .expect("cargo build");
     assert!(built.success(), "building the demo failed");
     let demo = LiveDemo::start();
-    let mut gateways = [Gateway::of(&demo, "A"), Gateway::of(&demo, "B")];
+    let mut gateways = [DemoGateway::of(&demo, "A"), DemoGateway::of(&demo, "B")];
     let stamp = format!(
         "{:x}",
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()

@@ -51,7 +51,7 @@ pin = {{ file = "{pin}" }}
 wrapping_key_label = "qutemail-gateway-kek"
 
 [policy]
-allow_pqc_fallback = true
+keys_exhausted = "pqc"
 "#,
         domain = site["domain"].as_str().unwrap(),
         work = work.display(),
@@ -76,15 +76,15 @@ allow_pqc_fallback = true
     text
 }
 
-/// `qutemail cert verify`: the offline check anyone holding the sender's card can run.
-fn cert_verify(qutemail: &Path, sealed: &Path, sender_card: &Path) -> Output {
-    Command::new(qutemail)
+/// `qutemailctl cert verify`: the offline check anyone holding the sender's card can run.
+fn cert_verify(qutemailctl: &Path, sealed: &Path, sender_card: &Path) -> Output {
+    Command::new(qutemailctl)
         .args(["cert", "verify", "--message"])
         .arg(sealed)
         .arg("--sender-card")
         .arg(sender_card)
         .output()
-        .expect("running qutemail cert verify")
+        .expect("running qutemailctl cert verify")
 }
 
 fn ok(out: &Output, what: &str) -> String {
@@ -131,6 +131,7 @@ fn message(canaries: &[String; 3], attachment_bytes: usize, id: &str) -> Vec<u8>
 fn sealed_at_a_opened_at_b_in_every_mode() {
     let demo = LiveDemo::start();
     let qutemail = workspace_bin("qutemail-gateway", "qutemail");
+    let qutemailctl = workspace_bin("qutemail-gateway", "qutemailctl");
     let work = tempfile::tempdir().unwrap();
     // Plaintext the test itself writes (inputs and opened outputs) lives apart, in memory where
     // possible, and is excluded from the scan.
@@ -207,7 +208,7 @@ fn sealed_at_a_opened_at_b_in_every_mode() {
         }
 
         // Anyone holding A's public card can check the certificate offline, with no key.
-        let out = cert_verify(&qutemail, &sealed, &a.card);
+        let out = cert_verify(&qutemailctl, &sealed, &a.card);
         let text = ok(&out, &format!("cert verify {what}"));
         assert!(text.contains("VERIFIED") && text.contains(&format!("mode          {mode}")), "{text}");
         if *mode != "pqc" {
@@ -290,12 +291,12 @@ fn sealed_at_a_opened_at_b_in_every_mode() {
             what,
         );
         assert!(text.to_lowercase().contains("not verifiable"), "{what}: {text}");
-        let out = cert_verify(&qutemail, &sealed, &a.card);
+        let out = cert_verify(&qutemailctl, &sealed, &a.card);
         assert!(failed(&out, what).contains("NOT VERIFIABLE"));
     }
     // A certificate checked against another site's key (a forgery claim) is not verifiable.
     let sealed = work.path().join("sealed-0.eml");
-    let out = cert_verify(&qutemail, &sealed, &b.card);
+    let out = cert_verify(&qutemailctl, &sealed, &b.card);
     assert!(failed(&out, "verify with the wrong site's card").contains("NOT VERIFIABLE"));
 
     // No canary on any disk the gateways, the kmds or the HSM tokens wrote.

@@ -1,7 +1,8 @@
-//! The appliance image boots: `cargo xtask image boot-test` builds the Debian 12 image, boots it
-//! in qemu (software emulation) with a provisioning drop and a simulated QKD device on its second
-//! UART, and reports what it found over the forwarded ports. This test runs it and checks the
-//! report as an operator would read it.
+//! The appliance image boots: `cargo xtask image boot-test` builds the Debian 12 disk image (GPT,
+//! an EFI system partition with systemd-boot, the ext4 root), boots that disk in qemu (software
+//! emulation) under OVMF's UEFI firmware as a VM host would, with a provisioning drop and a
+//! simulated QKD device on its second UART, and reports what it found on the console and over the
+//! forwarded ports. This test runs it and checks the report as an operator would read it.
 //!
 //! The boot takes minutes, so it runs only when `image/` (the units included) or the image
 //! tooling changed since it last passed on this machine (a content hash kept in
@@ -36,6 +37,17 @@ fn the_image_boots_provisions_itself_and_serves_mail_etsi014_and_the_web_ui() {
     }
     assert_eq!(report["status"], "passed", "{report:#}");
 
+    // The disk booted by itself: UEFI firmware (OVMF, "EDK II") started systemd-boot from the
+    // ESP, which started the kernel with the loader entry's command line (the root by label,
+    // the serial console and the hardening arguments of image/build/cmdline.txt).
+    assert_eq!(report["boot_path"], "uefi-systemd-boot", "{report:#}");
+    let firmware = report["efi_firmware"].as_str().unwrap_or_default();
+    assert!(firmware.starts_with("EFI v") && firmware.contains("EDK II"), "{report:#}");
+    let cmdline = report["kernel_command_line"].as_str().unwrap_or_default();
+    for arg in ["root=LABEL=qutemail-root", "console=ttyS0,115200", "init_on_free=1", "vsyscall=none"] {
+        assert!(cmdline.split_whitespace().any(|a| a == arg), "{arg} missing from {cmdline:?}");
+    }
+
     // First boot ran (the stamp's last step) and the gateway answers on port 25 through
     // qutemail-gateway-smtp.socket, under the site name first boot configured.
     assert_eq!(report["firstboot_done"], true, "{report:#}");
@@ -57,10 +69,7 @@ fn the_image_boots_provisions_itself_and_serves_mail_etsi014_and_the_web_ui() {
 
     // The web UI over HTTPS on port 443 (through its socket unit).
     assert_eq!(report["web_status"], 200, "{report:#}");
-    assert!(
-        report["web_page_start"].as_str().unwrap().to_ascii_lowercase().contains("<html"),
-        "{report:#}"
-    );
+    assert!(report["web_page_start"].as_str().unwrap().to_ascii_lowercase().contains("<html"), "{report:#}");
     eprintln!(
         "image boot test: built in {:.0} s, booted to all checks in {:.0} s",
         report["build_seconds"].as_f64().unwrap_or_default(),

@@ -5,99 +5,18 @@
 //! came. A message to a mailbox B does not have comes back to Alice as a delivery report. No
 //! canary from subject or body is on any disk the demo wrote.
 
-use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use qutemail_e2e::{LiveDemo, files_containing, workspace_root};
+use qutemail_e2e::{
+    DemoGateway, LiveDemo, files_containing, pop3_fetch, python, submit, wait_for, workspace_root,
+};
 
-fn python() -> String {
-    std::env::var("QUTEMAIL_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-fn submit(site: &serde_json::Value, to: &str, subject: &str, body: &Path) -> String {
-    submit_keeping(site, to, subject, body, None)
-}
-
-fn submit_keeping(
-    site: &serde_json::Value,
-    to: &str,
-    subject: &str,
-    body: &Path,
-    sent: Option<&Path>,
-) -> String {
-    let user = &site["users"][0];
-    let out = Command::new(python())
-        .arg(workspace_root().join("tests/clients/submit.py"))
-        .arg(site["gateway"]["smtp_submission"].as_str().unwrap())
-        .arg(site["gateway"]["tls_ca"].as_str().unwrap())
-        .arg(user["address"].as_str().unwrap())
-        .arg(user["password"].as_str().unwrap())
-        .arg(user["address"].as_str().unwrap())
-        .arg(to)
-        .arg(subject)
-        .arg(body)
-        .args(sent)
-        .output()
-        .expect("python3 (apt-get install -y python3)");
-    assert!(out.status.success(), "smtplib submission failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn qutemail(demo: &LiveDemo, site: &str, args: &[&str]) -> String {
-    let s = demo.site(site);
-    let config = Path::new(s["gateway"]["config"].as_str().unwrap()).to_path_buf();
-    let exe = qutemail_e2e::workspace_bin("qutemail-gateway", "qutemail");
-    let out = Command::new(exe)
-        .arg(args[0])
-        .arg("--config")
-        .arg(config)
-        .args(&args[1..])
-        .env("SOFTHSM2_CONF", s["hsm"]["softhsm2_conf"].as_str().unwrap())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "qutemail {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(150);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} did not happen within 150 s");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
+/// How long a delivery, a queue run or a report may take on a loaded machine.
+const LIMIT: Duration = Duration::from_secs(150);
 
 fn log(demo: &LiveDemo, name: &str) -> String {
     std::fs::read_to_string(demo.dir.path().join("logs").join(name)).unwrap_or_default()
-}
-
-/// Bob's maildrop at B over POP3 (poplib, STLS); returns the messages as the server sent them.
-fn pop3_fetch(site: &serde_json::Value, out: &Path) -> Vec<Vec<u8>> {
-    let user = &site["users"][0];
-    let result = Command::new(python())
-        .arg(workspace_root().join("tests/clients/pop3_fetch.py"))
-        .arg(site["gateway"]["pop3"].as_str().unwrap())
-        .arg(site["gateway"]["tls_ca"].as_str().unwrap())
-        .arg(user["address"].as_str().unwrap())
-        .arg(user["password"].as_str().unwrap())
-        .arg(out)
-        .output()
-        .expect("python3");
-    assert!(result.status.success(), "poplib: {}", String::from_utf8_lossy(&result.stderr));
-    let listing: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
-    let count = listing["count"].as_u64().unwrap();
-    (1..=count)
-        .map(|n| {
-            let bytes = std::fs::read(out.join(format!("{n}.eml"))).unwrap();
-            assert_eq!(
-                listing["sizes"][n as usize - 1].as_u64(),
-                Some(bytes.len() as u64),
-                "LIST size = RETR octets"
-            );
-            bytes
-        })
-        .collect()
 }
 
 #[test]
@@ -134,14 +53,15 @@ fn alice_at_a_mails_bob_at_b_sealed_with_qkd_keys() {
     assert_eq!(line.trim(), "IDLING", "imapclient did not enter IDLE");
 
     let sent = clear.path().join("sent.eml");
-    let refused =
-        submit_keeping(&a, "bob@b.qutemail.test", &format!("figures {}", canaries[0]), &body, Some(&sent));
+    let refused = submit(&a, "bob@b.qutemail.test", &format!("figures {}", canaries[0]), &body, Some(&sent));
     assert_eq!(refused, "{}", "every recipient accepted");
-    wait_for("delivery at B", || log(&demo, "qutemail-B.log").contains("quantum-secured message delivered"));
+    wait_for("delivery at B", LIMIT, || {
+        log(&demo, "qutemail-B.log").contains("quantum-secured message delivered")
+    });
     let b_log = log(&demo, "qutemail-B.log");
     assert!(b_log.contains("protection=hybrid"), "{b_log}");
-    wait_for("A's queue to empty", || {
-        qutemail(&demo, "A", &["queue", "list"]).contains("the queue is empty")
+    wait_for("A's queue to empty", LIMIT, || {
+        DemoGateway::of(&demo, "A").qutemailctl(&["queue", "list"]).contains("the queue is empty")
     });
     let a_log = log(&demo, "qutemail-A.log");
     assert!(
@@ -190,9 +110,9 @@ fn alice_at_a_mails_bob_at_b_sealed_with_qkd_keys() {
     assert_eq!(&std::fs::read(over_imap.join(format!("{uid}.eml"))).unwrap(), got, "IMAP and POP3 agree");
 
     // A mailbox B does not have: B refuses at RCPT, A's queue bounces, Alice gets a report.
-    let refused = submit(&a, "nobody@b.qutemail.test", "to nobody", &body);
+    let refused = submit(&a, "nobody@b.qutemail.test", "to nobody", &body, None);
     assert_eq!(refused, "{}", "A accepts it for relaying");
-    wait_for("the bounce report", || {
+    wait_for("the bounce report", LIMIT, || {
         log(&demo, "qutemail-A.log").contains("delivery status notification sent to the sender")
     });
     assert!(log(&demo, "qutemail-A.log").contains("status=5.1.1"));

@@ -1,17 +1,28 @@
 //! `cargo xtask image`: the appliance's Debian 12 disk image, and its boot test in qemu.
 //!
-//! `build` debootstraps Debian 12 (minbase and `image/build/packages.txt`) into a directory,
-//! adds the project's release binaries, the units of `image/systemd/` and the overlay of
-//! `image/rootfs/` (firewall, sysctl and journald settings, first-boot provisioning), applies the
-//! unit presets and makes an ext4 image of it with `mke2fs -d` (no loop device, no mount). The
-//! kernel and initrd are copied out beside it: the boot test boots them directly (`-kernel`), so
-//! the image needs no boot loader.
+//! `build` debootstraps Debian 12 (minbase and `image/build/packages.txt`, systemd-boot's EFI
+//! binary included) into a directory, adds the project's release binaries, the units of
+//! `image/systemd/` and the overlay of `image/rootfs/` (firewall, sysctl and journald settings,
+//! first-boot provisioning) and applies the unit presets. It then assembles `qutemail.img`, a GPT
+//! disk that boots by itself under UEFI, without a loop device or a mount:
 //!
-//! `boot-test` builds the image and boots it under qemu's software emulation with a provisioning
-//! drop (a second virtual disk labelled `QMPROVISION` holding a CA that this command made, so it
-//! can talk mutual TLS to the appliance) and `qkd-sim`'s device on the guest's second UART, then
-//! checks over forwarded ports what an operator would: kmd answers ETSI GS QKD 014 status and
-//! its device link is up, the gateway's socket unit answers SMTP on port 25, the web UI loads.
+//! - the root file system as a separate ext4 file (`mke2fs -d` from the directory);
+//! - the EFI system partition as a separate FAT32 file (`mkfs.vfat -C`, filled with mtools'
+//!   `mmd`/`mcopy -i`): systemd-boot at the removable-media path `EFI/BOOT/BOOTX64.EFI` (so no
+//!   firmware boot entry is needed), `loader/loader.conf` (`image/build/loader.conf`: no editor, so
+//!   the kernel command line cannot be changed at the console) and a Boot Loader Specification
+//!   entry with the kernel, the initrd and the command line of `image/build/cmdline.txt`;
+//! - a sparse disk file partitioned with `sfdisk` (partition 1 the ESP, partition 2 the root,
+//!   typed for the Discoverable Partitions Specification), both file systems copied in at their
+//!   offsets with `dd conv=notrunc,sparse`.
+//!
+//! `boot-test` builds the image and boots that disk as a VM host does: OVMF's UEFI firmware, the
+//! disk as the first virtio drive, no `-kernel`. Beside it a provisioning drop (a second virtual
+//! disk labelled `QMPROVISION` holding a CA that this command made, so it can talk mutual TLS to
+//! the appliance) and `qkd-sim`'s device on the guest's second UART. It checks on the console that
+//! the kernel came up under UEFI with the loader entry's command line, then over forwarded ports
+//! what an operator would: kmd answers ETSI GS QKD 014 status and its device link is up, the
+//! gateway's socket unit answers SMTP on port 25, the web UI loads.
 //!
 //! Debootstrap's downloads and the installed base system are cached under
 //! `$CARGO_TARGET_DIR/image/cache/`, keyed by the package list, so a rebuild takes a minute.
@@ -31,11 +42,42 @@ use crate::system;
 
 const DEBIAN_SUITE: &str = "bookworm";
 const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
-/// The image's size; the file is sparse, so this is the root file system's room to grow.
-const IMAGE_SIZE: &str = "3G";
+/// The root file system's size in MiB; the files are sparse, so this is its room to grow.
+const ROOT_SIZE_MIB: u64 = 3072;
+/// The ext4 label of the root file system (what `root=` and /etc/fstab name), and the GPT name of
+/// its partition.
 const ROOT_LABEL: &str = "qutemail-root";
+/// The EFI system partition's size in MiB: room for two kernels with their initrds (an update
+/// writes the new one before removing the old) and FAT32's minimum cluster count.
+const ESP_SIZE_MIB: u64 = 256;
+/// The ESP's GPT partition name (/etc/fstab mounts it at /boot/efi by it) and its FAT label
+/// (at most 11 characters).
+const ESP_PARTLABEL: &str = "qutemail-esp";
+const ESP_FAT_LABEL: &str = "QUTEMAILESP";
+/// Where partition 1 starts, in MiB: the usual 1 MiB alignment, room for the primary GPT.
+const FIRST_PARTITION_MIB: u64 = 1;
+/// GPT partition types: the EFI system partition, and the x86-64 root file system of the
+/// Discoverable Partitions Specification (so tools recognise the root without being told).
+const ESP_TYPE_GUID: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+const ROOT_X86_64_TYPE_GUID: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
+/// systemd-boot's EFI binary as Debian 12's systemd-boot-efi installs it in the image.
+const SYSTEMD_BOOT_EFI: &str = "usr/lib/systemd/boot/efi/systemd-bootx64.efi";
+/// The console the loader entry gives the kernel: the screen, and the first serial port last so
+/// it is /dev/console (a VM host's serial log, the boot test's console.log).
+const CONSOLE_ARGS: &str = "console=tty0 console=ttyS0,115200";
+/// The UEFI firmware of Debian's `ovmf` package (4 MiB flash layout, without Secure Boot keys),
+/// code read-only and a per-boot copy of the variable store, as libvirt sets it up.
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// What the `--report` calls the way the boot test boots the disk.
+const BOOT_PATH: &str = "uefi-systemd-boot";
 /// The binaries the image ships: (cargo package, binary).
-const BINARIES: &[(&str, &str)] = &[("kmd", "kmd"), ("qutemail-gateway", "qutemail"), ("qkd-sim", "qkd-sim")];
+const BINARIES: &[(&str, &str)] = &[
+    ("kmd", "kmd"),
+    ("qutemail-gateway", "qutemail"),
+    ("qutemail-gateway", "qutemailctl"),
+    ("qkd-sim", "qkd-sim"),
+];
 
 /// The site the boot test provisions.
 const TEST_DOMAIN: &str = "boot.qutemail.test";
@@ -50,24 +92,32 @@ const BOOT_DEADLINE: Duration = Duration::from_secs(900);
 /// Host packages for building the image, and for booting it.
 const BUILD_PACKAGES: &[(&str, &str)] = &[
     ("debootstrap", "installs Debian 12 into the image's root directory"),
-    ("e2fsprogs", "mke2fs -d makes the ext4 image from that directory"),
+    ("e2fsprogs", "mke2fs -d makes the root file system's ext4 image from that directory"),
+    ("dosfstools", "mkfs.vfat makes the EFI system partition's FAT32 image"),
+    ("mtools", "mmd and mcopy fill the EFI system partition's image without mounting it"),
+    ("fdisk", "sfdisk writes the disk image's GPT partition table"),
     ("binutils", "strip: the image's binaries without debug sections"),
     ("systemd", "systemctl --root applies the image's unit presets"),
 ];
-const BOOT_PACKAGES: &[(&str, &str)] =
-    &[("openssl", "the boot test's provisioning CA"), ("curl", "the boot test loads the web UI over HTTPS")];
+const BOOT_PACKAGES: &[(&str, &str)] = &[
+    ("openssl", "the boot test's provisioning CA"),
+    ("curl", "the boot test loads the web UI over HTTPS"),
+    ("ovmf", "the UEFI firmware the boot test boots the disk with, as a VM host does"),
+];
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
     /// Build the appliance image (as root): debootstrap Debian 12, install the binaries, units
-    /// and settings, make an ext4 image. Writes qutemail.img, vmlinuz, initrd.img, cmdline.txt.
+    /// and settings, make a GPT disk with an EFI system partition (systemd-boot) and the ext4
+    /// root. Writes qutemail.img, a raw disk that boots under UEFI.
     Build {
         /// Output directory [default: $CARGO_TARGET_DIR/image/out].
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Build the image and boot it in qemu (software emulation) with a simulated QKD device,
-    /// checking ETSI GS QKD 014, SMTP on port 25 and the web UI over forwarded ports.
+    /// Build the image and boot the disk in qemu (software emulation, OVMF's UEFI firmware) with
+    /// a simulated QKD device, checking ETSI GS QKD 014, SMTP on port 25 and the web UI over
+    /// forwarded ports.
     BootTest {
         /// Output directory for the image [default: $CARGO_TARGET_DIR/image/out].
         #[arg(long)]
@@ -86,8 +136,8 @@ pub fn run(command: ImageCommand) -> anyhow::Result<()> {
     match command {
         ImageCommand::Build { out } => {
             let built = build(&out.unwrap_or_else(default_out))?;
-            eprintln!("image: {}", built.image.display());
-            eprintln!("kernel: {} (initrd {})", built.kernel.display(), built.initrd.display());
+            eprintln!("image: {} (GPT, UEFI with systemd-boot)", built.image.display());
+            eprintln!("kernel {}, command line: {}", built.kernel_version, built.kernel_options);
             Ok(())
         }
         ImageCommand::BootTest { out, report, if_changed } => {
@@ -107,11 +157,12 @@ fn work_dir() -> PathBuf {
 
 /// What `build` made.
 struct BuiltImage {
+    /// The GPT disk image.
     image: PathBuf,
-    kernel: PathBuf,
-    initrd: PathBuf,
-    /// Kernel arguments after `console=` and `root=`.
-    cmdline: String,
+    /// The kernel release the loader entry boots (`6.1.0-…-cloud-amd64`).
+    kernel_version: String,
+    /// The loader entry's `options`: what the kernel must report as its command line.
+    kernel_options: String,
 }
 
 fn build(out: &Path) -> anyhow::Result<BuiltImage> {
@@ -148,27 +199,166 @@ fn build(out: &Path) -> anyhow::Result<BuiltImage> {
     eprintln!("image: copying the base system");
     exec(Command::new("cp").arg("-a").arg(&base).arg(&rootfs), "copying the base system")?;
     install_appliance(&root_dir, &rootfs)?;
+    // Where /etc/fstab mounts the ESP (on first use), for updating the boot loader and kernel.
+    std::fs::create_dir_all(rootfs.join("boot/efi"))?;
 
-    std::fs::create_dir_all(out)?;
-    let kernel = out.join("vmlinuz");
-    let initrd = out.join("initrd.img");
-    std::fs::copy(newest(&rootfs.join("boot"), "vmlinuz-")?, &kernel).context("copying the kernel")?;
-    std::fs::copy(newest(&rootfs.join("boot"), "initrd.img-")?, &initrd).context("copying the initrd")?;
-    std::fs::write(out.join("cmdline.txt"), format!("root=LABEL={ROOT_LABEL} rw {cmdline}\n"))?;
+    let boot = rootfs.join("boot");
+    let kernel = newest(&boot, "vmlinuz-")?;
+    let kernel_version = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .context("the kernel's file name names no version")?
+        .to_string();
+    let initrd = boot.join(format!("initrd.img-{kernel_version}"));
+    if !initrd.is_file() {
+        bail!("the image has kernel {kernel_version} but no {}", initrd.display());
+    }
+    let kernel_options = format!("root=LABEL={ROOT_LABEL} rw {CONSOLE_ARGS} {cmdline}");
 
-    let image = out.join("qutemail.img");
-    let _ = std::fs::remove_file(&image);
-    eprintln!("image: mke2fs -d");
+    let root_fs = work.join("root.ext4");
+    let _ = std::fs::remove_file(&root_fs);
+    eprintln!("image: the root file system (mke2fs -d)");
     exec(
         Command::new("mke2fs")
             .args(["-q", "-F", "-t", "ext4", "-L", ROOT_LABEL, "-E", "root_owner=0:0", "-d"])
             .arg(&rootfs)
-            .arg(&image)
-            .arg(IMAGE_SIZE),
-        "making the ext4 image (mke2fs -d)",
+            .arg(&root_fs)
+            .arg(format!("{ROOT_SIZE_MIB}M")),
+        "making the root file system (mke2fs -d)",
     )?;
+
+    let esp = work.join("esp.vfat");
+    eprintln!("image: the EFI system partition (systemd-boot, kernel {kernel_version})");
+    make_esp(&root_dir, &rootfs, &esp, &kernel, &initrd, &kernel_version, &kernel_options)?;
+
+    std::fs::create_dir_all(out)?;
+    let image = out.join("qutemail.img");
+    eprintln!("image: the GPT disk (sfdisk, dd)");
+    make_disk(&image, &esp, &root_fs)?;
     eprintln!("image: built in {:.0} s", started.elapsed().as_secs_f64());
-    Ok(BuiltImage { image, kernel, initrd, cmdline })
+    Ok(BuiltImage { image, kernel_version, kernel_options })
+}
+
+/// The EFI system partition as a FAT32 file: systemd-boot (from the image's own systemd-boot-efi,
+/// so the appliance carries the loader it boots with), the loader configuration and one Boot
+/// Loader Specification type #1 entry with the kernel and initrd beside it.
+fn make_esp(
+    root_dir: &Path,
+    rootfs: &Path,
+    esp: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    kernel_version: &str,
+    kernel_options: &str,
+) -> anyhow::Result<()> {
+    let loader = rootfs.join(SYSTEMD_BOOT_EFI);
+    if !loader.is_file() {
+        bail!("the image has no /{SYSTEMD_BOOT_EFI}: is systemd-boot-efi still in image/build/packages.txt?");
+    }
+    let _ = std::fs::remove_file(esp);
+    exec(
+        Command::new("mkfs.vfat")
+            .args(["-F", "32", "-n", ESP_FAT_LABEL, "-C"])
+            .arg(esp)
+            // mkfs.vfat -C takes the size in KiB.
+            .arg((ESP_SIZE_MIB * 1024).to_string()),
+        "making the EFI system partition (mkfs.vfat)",
+    )?;
+
+    let loader_conf = root_dir.join("image/build/loader.conf");
+    if !loader_conf.is_file() {
+        bail!("{} is missing: systemd-boot's configuration for the ESP", loader_conf.display());
+    }
+    // The loader entry is written beside the ESP's image, then copied in.
+    let entry = esp.with_file_name("qutemail.conf");
+    // BLS type #1: paths are relative to the ESP's root; the kernel's directory is named after its
+    // version, as kernel-install lays it out, so an update can add a second entry beside this one.
+    std::fs::write(
+        &entry,
+        format!(
+            "# QuteMail appliance (written by `cargo xtask image build`; Boot Loader Specification type #1).\n\
+             title      QuteMail appliance (Debian 12)\n\
+             version    {kernel_version}\n\
+             linux      /qutemail/{kernel_version}/linux\n\
+             initrd     /qutemail/{kernel_version}/initrd\n\
+             options    {kernel_options}\n"
+        ),
+    )?;
+
+    let kernel_dir = format!("::/qutemail/{kernel_version}");
+    let mmd = ["::/EFI", "::/EFI/BOOT", "::/EFI/systemd", "::/loader", "::/loader/entries", "::/qutemail"];
+    exec(mtools("mmd", esp).args(mmd).arg(&kernel_dir), "creating the ESP's directories (mmd)")?;
+    let copies: [(&Path, String); 6] = [
+        (&loader, "::/EFI/BOOT/BOOTX64.EFI".into()),
+        (&loader, "::/EFI/systemd/systemd-bootx64.efi".into()),
+        (&loader_conf, "::/loader/loader.conf".into()),
+        (&entry, "::/loader/entries/qutemail.conf".into()),
+        (kernel, format!("{kernel_dir}/linux")),
+        (initrd, format!("{kernel_dir}/initrd")),
+    ];
+    for (from, to) in &copies {
+        exec(
+            mtools("mcopy", esp).arg(from).arg(to),
+            &format!("copying {} to the ESP's {to} (mcopy)", from.display()),
+        )?;
+    }
+    Ok(())
+}
+
+/// An mtools command working on the FAT image `esp` (`-i`); the drive letter checks that mtools
+/// makes for real floppies and disks do not apply to an image file.
+fn mtools(tool: &str, esp: &Path) -> Command {
+    let mut command = Command::new(tool);
+    command.env("MTOOLS_SKIP_CHECK", "1").arg("-i").arg(esp);
+    command
+}
+
+/// The GPT disk: the ESP at 1 MiB, the root after it, room for the backup GPT at the end. The
+/// file is sparse, and so are the copies (`dd conv=sparse` skips the file systems' empty blocks).
+fn make_disk(image: &Path, esp: &Path, root_fs: &Path) -> anyhow::Result<()> {
+    const MIB: u64 = 1024 * 1024;
+    const SECTORS_PER_MIB: u64 = MIB / 512;
+    let root_start = FIRST_PARTITION_MIB + ESP_SIZE_MIB;
+    // One MiB at the end holds the backup GPT (33 sectors).
+    let disk_mib = root_start + ROOT_SIZE_MIB + 1;
+    let _ = std::fs::remove_file(image);
+    std::fs::File::create(image)
+        .and_then(|f| f.set_len(disk_mib * MIB))
+        .with_context(|| format!("creating {}", image.display()))?;
+
+    let table = format!(
+        "label: gpt\nunit: sectors\n\
+         start={}, size={}, type={ESP_TYPE_GUID}, name=\"{ESP_PARTLABEL}\"\n\
+         start={}, size={}, type={ROOT_X86_64_TYPE_GUID}, name=\"{ROOT_LABEL}\"\n",
+        FIRST_PARTITION_MIB * SECTORS_PER_MIB,
+        ESP_SIZE_MIB * SECTORS_PER_MIB,
+        root_start * SECTORS_PER_MIB,
+        ROOT_SIZE_MIB * SECTORS_PER_MIB,
+    );
+    let mut sfdisk = Command::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(image)
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("running sfdisk")?;
+    sfdisk.stdin.take().context("sfdisk's stdin")?.write_all(table.as_bytes())?;
+    let status = sfdisk.wait()?;
+    if !status.success() {
+        bail!("partitioning {} (sfdisk) failed ({status})", image.display());
+    }
+
+    for (fs, start_mib, what) in [(esp, FIRST_PARTITION_MIB, "the ESP"), (root_fs, root_start, "the root")] {
+        exec(
+            Command::new("dd")
+                .arg(format!("if={}", fs.display()))
+                .arg(format!("of={}", image.display()))
+                .args(["bs=1M", "conv=notrunc,sparse", "status=none"])
+                .arg(format!("seek={start_mib}")),
+            &format!("copying {what} file system into the disk (dd)"),
+        )?;
+    }
+    Ok(())
 }
 
 /// The base system (debootstrap of the package list), cached by `key`: the downloaded packages
@@ -347,8 +537,14 @@ struct Report {
     /// Why it was skipped, or what failed.
     reason: Option<String>,
     inputs_sha256: String,
+    /// How the disk was booted: `uefi-systemd-boot` (OVMF, systemd-boot from the ESP).
+    boot_path: String,
     build_seconds: Option<f64>,
     boot_seconds: Option<f64>,
+    /// The kernel's `efi:` line on the console: the UEFI firmware it booted under.
+    efi_firmware: Option<String>,
+    /// The kernel's `Command line:` on the console: what systemd-boot passed from the entry.
+    kernel_command_line: Option<String>,
     /// The first-boot stamp's `done` line seen on the console.
     firstboot_done: bool,
     smtp_banner: Option<String>,
@@ -539,38 +735,39 @@ fn boot_test_run(out: &Path, report: &mut Report) -> anyhow::Result<()> {
         .with_context(|| format!("{} names no alice.pty", sim_state.display()))?
         .to_string();
 
-    // The disk the guest writes to is a copy: the built image stays as built.
+    // The disk the guest writes to is a copy: the built image stays as built. So is the firmware's
+    // variable store, which the firmware writes its boot entries to.
     let disk = dir.join("disk.img");
     exec(
         Command::new("cp").arg("--sparse=always").arg(&built.image).arg(&disk),
         "copying the image for the boot",
     )?;
+    let vars = dir.join("OVMF_VARS.fd");
+    std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS}"))?;
+    report.boot_path = BOOT_PATH.into();
     let ports = Ports::pick()?;
     let hostfwd = [(ports.smtp, 25), (ports.web, 443), (ports.etsi014, 8443), (ports.metrics, 9464)]
         .iter()
         .map(|(host, guest)| format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"))
         .collect::<String>();
-    // The journal goes to the console too, so a failed boot leaves its reasons in console.log.
-    let append = format!(
-        "console=ttyS0,115200 root=/dev/vda rw {} systemd.journald.forward_to_console=1 \
-         systemd.journald.max_level_console=info",
-        built.cmdline
-    );
     let qemu_log = std::fs::File::create(dir.join("qemu.log"))?;
-    eprintln!("boot test: booting under qemu (TCG); console: {}", console.display());
+    eprintln!("boot test: booting the disk under qemu (TCG, UEFI); console: {}", console.display());
     let boot_started = Instant::now();
+    // As a VM host boots a UEFI guest: the firmware in flash, the disk first in the boot order,
+    // the kernel and its command line coming from the disk's loader entry.
     let qemu = Command::new("qemu-system-x86_64")
         .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1536"])
         .args(["-nographic", "-no-reboot", "-monitor", "none"])
-        .arg("-kernel")
-        .arg(&built.kernel)
-        .arg("-initrd")
-        .arg(&built.initrd)
-        .args(["-append", &append])
         .arg("-drive")
-        .arg(format!("file={},if=virtio,format=raw,cache=unsafe", disk.display()))
+        .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"))
         .arg("-drive")
-        .arg(format!("file={},if=virtio,format=raw,readonly=on", drop_image.display()))
+        .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()))
+        .arg("-drive")
+        .arg(format!("file={},if=none,id=disk,format=raw,cache=unsafe", disk.display()))
+        .args(["-device", "virtio-blk-pci,drive=disk,bootindex=0"])
+        .arg("-drive")
+        .arg(format!("file={},if=none,id=drop,format=raw,readonly=on", drop_image.display()))
+        .args(["-device", "virtio-blk-pci,drive=drop"])
         .args(["-netdev", &format!("user,id=net0{hostfwd}"), "-device", "virtio-net-pci,netdev=net0"])
         .args(["-device", "virtio-rng-pci"])
         // ttyS0: the console into a file; ttyS1: the simulated QKD device's pty.
@@ -603,8 +800,27 @@ fn boot_test_run(out: &Path, report: &mut Report) -> anyhow::Result<()> {
         bail!("the SMTP banner is not the gateway's: {banner:?}");
     }
     report.smtp_banner = Some(banner);
-    report.firstboot_done =
-        std::fs::read_to_string(&console).is_ok_and(|c| c.contains("qutemail-firstboot: done"));
+    let console_text = std::fs::read_to_string(&console).unwrap_or_default();
+    report.firstboot_done = console_text.contains("qutemail-firstboot: done");
+
+    // The kernel came from the disk under UEFI (the firmware named in its EFI line) with the
+    // loader entry's command line: systemd-boot found the entry and passed its options on.
+    report.efi_firmware = kernel_message(&console_text, "efi: EFI v").map(|v| format!("EFI v{v}"));
+    report.kernel_command_line = kernel_message(&console_text, "Command line: ").map(str::to_string);
+    match &report.kernel_command_line {
+        Some(line) if line.contains(&built.kernel_options) => {}
+        Some(line) => bail!(
+            "the kernel booted with {line:?}, not the loader entry's options {:?}",
+            built.kernel_options
+        ),
+        None => bail!("the console ({}) shows no kernel command line", console.display()),
+    }
+    if report.efi_firmware.is_none() {
+        bail!(
+            "the console ({}) shows no UEFI firmware: the kernel did not boot under UEFI",
+            console.display()
+        );
+    }
 
     // 2. ETSI GS QKD 014 status over mutual TLS, as the app SAE, for the pair with the peer site.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -738,6 +954,15 @@ fn https_get(port: u16, ca: &Path) -> Result<(u16, String), String> {
     let text = String::from_utf8_lossy(&out.stdout);
     let (page, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     Ok((code.trim().parse().map_err(|_| format!("curl printed no status: {code}"))?, page.to_string()))
+}
+
+/// The first kernel message on the console that starts with `prefix` (after the timestamp, as in
+/// `[    0.000000] efi: EFI v2.70 by EDK II`), without the prefix.
+fn kernel_message<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
+    console.lines().find_map(|line| {
+        let at = line.find(prefix)?;
+        Some(line[at + prefix.len()..].trim_end())
+    })
 }
 
 /// The value of the sample whose name and labels are exactly `series`.

@@ -1018,7 +1018,7 @@ impl<R: BufRead> SealedMessage<R> {
     }
 
     /// Verifies the certificate against the ciphertext and headers, without any decryption key
-    /// (what `qutemail cert verify` does).
+    /// (what `qutemailctl cert verify` does).
     pub fn verify_certificate(mut self, sender_key: &CertificateVerifyingKey) -> Result<CertificateReport> {
         let boundary = self.header.boundary.clone();
         let mut body =

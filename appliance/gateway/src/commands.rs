@@ -1,4 +1,5 @@
-//! The operator commands: site card, seal, accept, open, certificate verification.
+//! The `qutemail` binary's own commands: the site card, and seal, accept and open (what SMTP
+//! does, by hand). The operator's commands are `qutemailctl`'s ([`crate::operator`]).
 
 use std::io::Read as _;
 use std::path::Path;
@@ -7,8 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use qutemail_envelope::CertificateVerifyingKey;
-use qutemail_vault::{Protection, SealOrder, SiteCard, StoredKind, StoredProtection, routing_headers};
+use qutemail_vault::{Protection, SealOrder, StoredKind, StoredProtection, routing_headers};
 use serde::{Deserialize, Serialize};
 
 use crate::config::GatewayConfig;
@@ -27,36 +27,6 @@ pub async fn site_card(config: &Path, out: Option<&Path>) -> anyhow::Result<Exit
         None => print!("{text}"),
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// `qutemail dns-records`: zone-file lines for DKIM (from the configured keys), SPF and DMARC.
-pub fn dns_records(config: &Path) -> anyhow::Result<ExitCode> {
-    let config = GatewayConfig::load(config)?;
-    let domain = &config.site.domain;
-    let Some(dkim) = wiring::dkim(&config)? else {
-        anyhow::bail!("the configuration has no [dkim] section: there is no DKIM key to publish");
-    };
-    for record in dkim.dns_records() {
-        println!("{}. IN TXT {}", record.name, zone_text(&record.value));
-    }
-    let host = config.smtp.as_ref().map_or(domain.as_str(), |s| s.hostname.as_str());
-    // SPF and DMARC depend on the site's network and reporting: a starting point to adapt.
-    println!("{domain}. IN TXT {}", zone_text(&format!("v=spf1 a:{host} mx -all")));
-    println!(
-        "_dmarc.{domain}. IN TXT {}",
-        zone_text(&format!("v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}"))
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-/// A TXT value as zone-file character strings (each at most 255 bytes, RFC 1035 § 3.3.14).
-fn zone_text(value: &str) -> String {
-    value
-        .as_bytes()
-        .chunks(255)
-        .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 pub async fn seal(
@@ -155,50 +125,6 @@ pub async fn open(config: &Path, input: &Path, record: &Path, out: &Path) -> any
         eprintln!("opened {} bytes; certificate: {}", opened.plaintext_len, certificate_state(c));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-pub fn cert_verify(message: &Path, sender_card: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let card = SiteCard::read(sender_card)?;
-    let key: CertificateVerifyingKey = card.certificate_key()?;
-    let file = std::fs::File::open(message).with_context(|| format!("opening {}", message.display()))?;
-    match qutemail_envelope::verify_sealed_message(file, &key) {
-        Ok(report) => {
-            let c = &report.certificate;
-            if !c.sender_domain.eq_ignore_ascii_case(&card.domain) {
-                println!(
-                    "NOT VERIFIABLE: signed by {}'s key but claims to come from {}",
-                    card.domain, c.sender_domain
-                );
-                return Ok(ExitCode::FAILURE);
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(c)?);
-            } else {
-                println!("VERIFIED: Quantum Secured certificate of {}", c.sender_domain);
-                println!("  mode          {} ({})", c.mode, c.algorithm);
-                println!("  key IDs       {}", c.key_ids.join(", "));
-                println!("  link          {}", c.link_id.as_deref().unwrap_or("-"));
-                println!(
-                    "  KMEs          {} -> {}",
-                    c.source_kme_id.as_deref().unwrap_or("-"),
-                    c.target_kme_id.as_deref().unwrap_or("-")
-                );
-                println!(
-                    "  QBER          {}",
-                    c.qber_ppm.map_or("-".into(), |q| format!("{:.3} %", f64::from(q) / 1e4))
-                );
-                println!("  key rate      {}", c.key_rate_bps.map_or("-".into(), |r| format!("{r} bit/s")));
-                println!("  ciphertext    {} bytes, SHA-256 {}", c.ciphertext_len, c.ciphertext_sha256);
-                println!("  sealed at     {} (Unix time)", c.sealed_at);
-                println!("  signing key   {}", c.signing_key_id);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) => {
-            println!("NOT VERIFIABLE: {e}");
-            Ok(ExitCode::FAILURE)
-        }
-    }
 }
 
 fn certificate_state(c: &qutemail_envelope::CertificateCheck) -> String {

@@ -46,8 +46,80 @@ pub struct GatewayConfig {
     pub mail_auth: MailAuthSection,
     /// `[metrics]`: the Prometheus listener (absent: no metrics are served).
     pub metrics: Option<MetricsSection>,
+    /// `[login_throttle]`: how failed logins (IMAP, POP3, SMTP AUTH) are slowed and refused.
+    #[serde(default)]
+    pub login_throttle: LoginThrottleSection,
     /// `[web]`: the REST API, webmail and admin console over HTTPS (absent: not served).
     pub web: Option<qutemail_web::WebConfig>,
+}
+
+/// `[login_throttle]`: one count of failed logins for IMAP, POP3 and SMTP AUTH, per account
+/// and per client address (IPv6 per /64). Delays rather than locks out an account.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginThrottleSection {
+    /// Failed logins that cost nothing (typos); default 3.
+    #[serde(default = "default_free_failures")]
+    pub free_failures: u32,
+    /// The wait after the first failure beyond the free ones, doubling after each further one;
+    /// default 1000 ms.
+    #[serde(default = "default_first_delay_ms")]
+    pub first_delay_ms: u64,
+    /// The longest wait; default 30 s.
+    #[serde(default = "default_max_delay_s")]
+    pub max_delay_s: u64,
+    /// Failed logins from one address after which its logins are refused (also with the right
+    /// password) until they are forgotten; default 50.
+    #[serde(default = "default_refuse_address_after")]
+    pub refuse_address_after: u32,
+    /// Seconds after its last failure that a count is forgotten; default 900.
+    #[serde(default = "default_forget_after_s")]
+    pub forget_after_s: u64,
+}
+
+impl Default for LoginThrottleSection {
+    fn default() -> Self {
+        Self {
+            free_failures: default_free_failures(),
+            first_delay_ms: default_first_delay_ms(),
+            max_delay_s: default_max_delay_s(),
+            refuse_address_after: default_refuse_address_after(),
+            forget_after_s: default_forget_after_s(),
+        }
+    }
+}
+
+impl LoginThrottleSection {
+    /// The throttle's settings.
+    pub fn settings(&self) -> qutemail_store::LoginThrottleSettings {
+        qutemail_store::LoginThrottleSettings {
+            free_failures: self.free_failures,
+            first_delay: std::time::Duration::from_millis(self.first_delay_ms),
+            max_delay: std::time::Duration::from_secs(self.max_delay_s),
+            refuse_address_after: self.refuse_address_after,
+            forget_after: std::time::Duration::from_secs(self.forget_after_s),
+        }
+    }
+}
+
+fn default_free_failures() -> u32 {
+    qutemail_store::LoginThrottleSettings::default().free_failures
+}
+
+fn default_first_delay_ms() -> u64 {
+    qutemail_store::LoginThrottleSettings::default().first_delay.as_millis() as u64
+}
+
+fn default_max_delay_s() -> u64 {
+    qutemail_store::LoginThrottleSettings::default().max_delay.as_secs()
+}
+
+fn default_refuse_address_after() -> u32 {
+    qutemail_store::LoginThrottleSettings::default().refuse_address_after
+}
+
+fn default_forget_after_s() -> u64 {
+    qutemail_store::LoginThrottleSettings::default().forget_after.as_secs()
 }
 
 /// `[metrics]`.
@@ -112,17 +184,24 @@ pub struct DkimKeySection {
 }
 
 /// `[mail_auth]`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MailAuthSection {
-    /// Inbound mail: check SPF, DKIM and DMARC (default false until the site's DNS is set up:
-    /// with checks on, an unreachable resolver makes every internet message wait with 451).
-    #[serde(default)]
+    /// Inbound internet mail: check SPF, DKIM and DMARC (default true). With checks on, an
+    /// unreachable resolver makes internet mail wait with 451 (senders retry; nothing is lost);
+    /// only a site with no DNS at all (a closed lab) turns it off.
+    #[serde(default = "default_true")]
     pub check: bool,
     /// `enforce` (default): DMARC reject → 550, quarantine → Junk; `report-only`: deliver to
     /// the INBOX and only record the results.
     #[serde(default)]
     pub dmarc: crate::inbound_auth::DmarcEnforcement,
+}
+
+impl Default for MailAuthSection {
+    fn default() -> Self {
+        Self { check: true, dmarc: Default::default() }
+    }
 }
 
 fn default_true() -> bool {
@@ -286,6 +365,9 @@ pub struct PeerSection {
     /// CA that verifies the peer gateway's certificate (required with `smtp`: STARTTLS is
     /// mandatory between sites).
     pub ca_cert: Option<PathBuf>,
+    /// What happens to mail for this peer when kmd has no keys for it (default: `[policy]
+    /// keys_exhausted`).
+    pub keys_exhausted: Option<qutemail_vault::KeysExhausted>,
 }
 
 /// The configuration file could not be used.
@@ -355,6 +437,9 @@ impl GatewayConfig {
             anchor(&mut p.site_card);
             if let Some(c) = &mut p.ca_cert {
                 anchor(c);
+            }
+            if let Some(rule) = p.keys_exhausted {
+                config.policy.per_peer.insert(p.domain.to_ascii_lowercase(), rule);
             }
         }
         if let Some(st) = &mut config.store {
@@ -432,6 +517,20 @@ site_card = "peers/b.json"
         assert_eq!((kmd.key_bits, kmd.otp_key_bits), (256, 8192));
         assert_eq!(c.peers[0].site_card, Path::new("/etc/qutemail/peers/b.json"));
         assert_eq!(c.policy, ProtectionPolicy::default());
+        // A peer's keys-exhausted rule overrides the site's.
+        let refusing = GOOD.replace(
+            "site_card = \"peers/b.json\"",
+            "site_card = \"peers/b.json\"\nkeys_exhausted = \"refuse\"",
+        );
+        let c2 = GatewayConfig::parse(&refusing, Path::new("/etc/q.toml")).unwrap();
+        assert_eq!(c2.policy.keys_exhausted_for("B.qutemail.test"), qutemail_vault::KeysExhausted::Refuse);
+        assert_eq!(c2.policy.keys_exhausted_for("c.qutemail.test"), qutemail_vault::KeysExhausted::Defer);
+        // Inbound SPF/DKIM/DMARC checks are on unless the file turns them off.
+        assert!(c.mail_auth.check);
+        let off = format!("{GOOD}\n[mail_auth]\ncheck = false\n");
+        assert!(!GatewayConfig::parse(&off, Path::new("/etc/q.toml")).unwrap().mail_auth.check);
+        let dmarc_only = format!("{GOOD}\n[mail_auth]\ndmarc = \"report-only\"\n");
+        assert!(GatewayConfig::parse(&dmarc_only, Path::new("/etc/q.toml")).unwrap().mail_auth.check);
     }
 
     #[test]

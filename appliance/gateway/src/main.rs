@@ -1,14 +1,8 @@
-//! `qutemail`: the QuteMail mail gateway's command line. Parses arguments and the
-//! configuration, then hands over to the commands in `commands.rs`.
+//! `qutemail`: the QuteMail mail gateway daemon (`serve`) and the commands that do by hand what
+//! it does (site card, seal, accept, open). Operators' commands (users, queue, links, DNS,
+//! certificates) are in `qutemailctl`.
 
-mod accounts;
-mod commands;
-mod config;
-mod inbound_auth;
-mod serve;
-mod smtp_host;
-mod systemd;
-mod wiring;
+use qutemail_gateway::{commands, serve, systemd};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,29 +23,6 @@ enum Command {
     /// Runs the gateway's services ([smtp] listeners and the outbound queue) until SIGTERM or
     /// SIGINT. Prints `READY name=address …` once every listener is bound.
     Serve {
-        /// The gateway configuration file.
-        #[arg(long, short, default_value = "/etc/qutemail/qutemail.toml")]
-        config: PathBuf,
-    },
-    /// Mail accounts of this site.
-    Account {
-        /// The gateway configuration file.
-        #[arg(long, short, default_value = "/etc/qutemail/qutemail.toml")]
-        config: PathBuf,
-        #[command(subcommand)]
-        command: AccountCommand,
-    },
-    /// The outbound queue.
-    Queue {
-        /// The gateway configuration file.
-        #[arg(long, short, default_value = "/etc/qutemail/qutemail.toml")]
-        config: PathBuf,
-        #[command(subcommand)]
-        command: QueueCommand,
-    },
-    /// Prints the DNS records this site publishes for mail authentication: the DKIM key TXT
-    /// record(s) from [dkim], and SPF and DMARC records to adapt (zone-file lines).
-    DnsRecords {
         /// The gateway configuration file.
         #[arg(long, short, default_value = "/etc/qutemail/qutemail.toml")]
         config: PathBuf,
@@ -114,65 +85,6 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Per-message certificates.
-    Cert {
-        #[command(subcommand)]
-        command: CertCommand,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum AccountCommand {
-    /// Creates an account with its INBOX, Sent, Drafts, Trash and Junk; the password is read
-    /// from the first line of standard input (never the command line).
-    Add {
-        /// The address, in this site's domain.
-        address: String,
-        /// Display name (default: the local part).
-        #[arg(long)]
-        name: Option<String>,
-    },
-    /// Sets a new password, read from the first line of standard input.
-    Passwd {
-        /// The address.
-        address: String,
-    },
-    /// Disables an account: it can no longer log in or receive mail.
-    Disable {
-        /// The address.
-        address: String,
-    },
-    /// Enables a disabled account.
-    Enable {
-        /// The address.
-        address: String,
-    },
-    /// Lists the accounts.
-    List,
-}
-
-#[derive(Debug, Subcommand)]
-enum QueueCommand {
-    /// Lists queued messages and each recipient's state, attempts and last reply.
-    List,
-}
-
-#[derive(Debug, Subcommand)]
-enum CertCommand {
-    /// Verifies a sealed message's "Quantum Secured" certificate offline, with no key but the
-    /// sender's public card: signature, ciphertext digest and bound headers. Exits 0 when it
-    /// verifies, 1 when it does not.
-    Verify {
-        /// The sealed message.
-        #[arg(long)]
-        message: PathBuf,
-        /// The sending site's card (JSON).
-        #[arg(long)]
-        sender_card: PathBuf,
-        /// Print the certificate as JSON instead of text.
-        #[arg(long)]
-        json: bool,
-    },
 }
 
 fn parse_protection(text: &str) -> Result<Protection, String> {
@@ -218,27 +130,13 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve { config } => serve::serve(&config, inherited).await,
-            Command::Account { config, command } => match command {
-                AccountCommand::Add { address, name } => {
-                    accounts::add(&config, &address, name.as_deref()).await
-                }
-                AccountCommand::Passwd { address } => accounts::passwd(&config, &address).await,
-                AccountCommand::Disable { address } => accounts::set_disabled(&config, &address, true).await,
-                AccountCommand::Enable { address } => accounts::set_disabled(&config, &address, false).await,
-                AccountCommand::List => accounts::list(&config).await,
-            },
-            Command::Queue { config, command: QueueCommand::List } => accounts::queue_list(&config).await,
             Command::SiteCard { config, out } => commands::site_card(&config, out.as_deref()).await,
-            Command::DnsRecords { config } => commands::dns_records(&config),
             Command::Seal { config, to_domain, protection, input, out } => {
                 commands::seal(&config, &to_domain, protection, &input, &out).await
             }
             Command::Accept { config, input, record } => commands::accept(&config, &input, &record).await,
             Command::Open { config, input, record, out } => {
                 commands::open(&config, &input, &record, &out).await
-            }
-            Command::Cert { command: CertCommand::Verify { message, sender_card, json } } => {
-                commands::cert_verify(&message, &sender_card, json)
             }
         }
     });

@@ -44,10 +44,10 @@ pub async fn serve(config_path: &Path, mut inherited: InheritedListeners) -> any
         }
         None => None,
     };
-    // One failed-login count for IMAP and POP3: a guessing run is slowed whichever it uses.
-    let login_throttle = std::sync::Arc::new(qutemail_store::LoginThrottle::new(
-        qutemail_store::LoginThrottleSettings::default(),
-    ));
+    // One failed-login count for IMAP, POP3 and SMTP AUTH: a guessing run is slowed whichever
+    // it uses.
+    let login_throttle =
+        std::sync::Arc::new(qutemail_store::LoginThrottle::new(config.login_throttle.settings()));
     // IMAP first: SMTP deliveries signal its idling sessions.
     let mut imap_server = None;
     if let Some(imap) = &config.imap {
@@ -116,7 +116,7 @@ pub async fn serve(config_path: &Path, mut inherited: InheritedListeners) -> any
                 }
                 _ => host,
             };
-            let host = host.with_metrics(metrics.clone());
+            let host = host.with_metrics(metrics.clone()).with_login_throttle(login_throttle.clone());
             // Sockets of one listener share its server (and so its connection limit).
             let server = SmtpServer::new(listener_config, host);
             for listener in sockets {
@@ -181,8 +181,15 @@ pub async fn serve(config_path: &Path, mut inherited: InheritedListeners) -> any
     }
     if let Some(web) = &config.web {
         let tls = server_tls.clone().context("[web] needs [tls]: the web API is served over HTTPS only")?;
-        let deps =
-            wiring::web_deps(&config, store.clone(), vault.clone(), queue.clone(), events.clone()).await?;
+        let deps = wiring::web_deps(
+            &config,
+            store.clone(),
+            vault.clone(),
+            queue.clone(),
+            events.clone(),
+            login_throttle.clone(),
+        )
+        .await?;
         let mut listeners = listeners_for(&mut inherited, "[web]", "web", Some(web.listen)).await?;
         let listener = listeners.pop().context("[web] no listener")?;
         if !listeners.is_empty() {

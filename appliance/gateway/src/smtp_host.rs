@@ -3,13 +3,14 @@
 //! envelope from a peer site, verification with its QKD keys and then the recipients' INBOXes.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use qutemail_queue::OutboundQueue;
 use qutemail_smtp::{
     Address, AuthOutcome, Credentials, DeliveryReceipt, EnhancedCode, MailEnvelope, MailParams, RcptParams,
     Refusal, ReversePath, SessionInfo, server::SmtpHandler,
 };
-use qutemail_store::{AuthError, Store};
+use qutemail_store::{AuthError, LoginGate, LoginThrottle, LoginThrottleSettings, Store};
 use qutemail_vault::{AppendRequest, MailVault, Protection, VaultError};
 use zeroize::Zeroizing;
 
@@ -37,6 +38,8 @@ pub struct SiteMailHost {
     inbound_auth: Option<InboundAuth>,
     /// Received messages, session durations and verification failures are counted here.
     metrics: qutemail_telemetry::GatewayMetrics,
+    /// Failed AUTH attempts, counted with IMAP's and POP3's (one guessing run, one count).
+    login_throttle: Arc<LoginThrottle>,
 }
 
 impl SiteMailHost {
@@ -58,7 +61,14 @@ impl SiteMailHost {
             events,
             inbound_auth: None,
             metrics: qutemail_telemetry::GatewayMetrics::new(),
+            login_throttle: Arc::new(LoginThrottle::new(LoginThrottleSettings::default())),
         })
+    }
+
+    /// The host counting failed AUTH attempts in `throttle` (shared with IMAP and POP3).
+    pub fn with_login_throttle(mut self: Arc<Self>, throttle: Arc<LoginThrottle>) -> Arc<Self> {
+        Arc::make_mut(&mut self).login_throttle = throttle;
+        self
     }
 
     /// The host counting in `metrics` (the registry `/metrics` serves).
@@ -144,6 +154,7 @@ impl SiteMailHost {
             }
             _ => message,
         };
+        let mut repeats = 0u64;
         for rcpt in recipients {
             let account = self.store.account(&rcpt.to_string()).await.map_err(|_| {
                 Refusal::new(550, EnhancedCode::new(5, 1, 1), format!("no mailbox here for <{rcpt}>"))
@@ -152,18 +163,24 @@ impl SiteMailHost {
             let request = AppendRequest::default();
             let result = match &inbound {
                 Some(i) => self.vault.append_inbound(&self.store, inbox.id, i, &request, message).await,
-                None => {
-                    self.vault
-                        .append_plain(
-                            &self.store,
-                            inbox.id,
-                            Protection::Normal,
-                            &request,
-                            Zeroizing::new(message.to_vec()),
-                        )
-                        .await
-                }
+                None => self
+                    .vault
+                    .append_plain(
+                        &self.store,
+                        inbox.id,
+                        Protection::Normal,
+                        &request,
+                        Zeroizing::new(message.to_vec()),
+                    )
+                    .await
+                    .map(Some),
             };
+            if let Ok(None) = result {
+                // The peer repeated a delivery it could not record (it crashed after our 250):
+                // accepted again, stored once.
+                tracing::info!(rcpt = %rcpt, "repeated peer-site delivery: already in the mailbox, not stored again");
+                repeats += 1;
+            }
             result.map_err(|e| {
                 tracing::error!(error = %e, "cannot store a message");
                 Refusal::new(451, EnhancedCode::new(4, 3, 0), "cannot store the message now; try again later")
@@ -173,6 +190,12 @@ impl SiteMailHost {
             e.mailbox_changed();
         }
         if let Some(i) = &inbound {
+            if repeats > 0 {
+                self.metrics.peer_repeated_delivery(&i.sender_domain, repeats);
+            }
+            if repeats == recipients.len() as u64 {
+                return Ok(());
+            }
             tracing::info!(from = %i.sender_domain, protection = %i.stored.protection, recipients = recipients.len(),
                 "quantum-secured message delivered");
         }
@@ -265,10 +288,28 @@ impl SmtpHandler for SiteMailHost {
         self.metrics.smtp_session_ended(self.listener(), duration);
     }
 
-    async fn authenticate(&self, _session: &SessionInfo, credentials: &Credentials) -> AuthOutcome {
-        match self.store.authenticate(&credentials.username, &credentials.password).await {
-            Ok(_) => AuthOutcome::Accepted,
-            Err(AuthError::Rejected) => AuthOutcome::Rejected,
+    async fn authenticate(&self, session: &SessionInfo, credentials: &Credentials) -> AuthOutcome {
+        let user = &credentials.username;
+        let peer = session.peer.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.ip().to_canonical());
+        match self.login_throttle.gate(user, peer, Instant::now()) {
+            LoginGate::AddressRefused { retry_after } => {
+                tracing::warn!(%peer, retry_after_s = retry_after.as_secs(),
+                    "AUTH refused: too many failed logins from this address");
+                return AuthOutcome::TemporaryFailure;
+            }
+            // Slows guessing without locking the account's owner out (see LoginThrottle).
+            LoginGate::Proceed { delay } => tokio::time::sleep(delay).await,
+        }
+        match self.store.authenticate(user, &credentials.password).await {
+            Ok(_) => {
+                self.login_throttle.succeeded(user, peer);
+                AuthOutcome::Accepted
+            }
+            Err(AuthError::Rejected) => {
+                self.login_throttle.failed(user, peer, Instant::now());
+                tracing::warn!(%peer, "AUTH failed");
+                AuthOutcome::Rejected
+            }
             Err(e) => {
                 tracing::error!(error = %e, "authentication failed for a local reason");
                 AuthOutcome::TemporaryFailure

@@ -175,6 +175,7 @@ pub async fn web_deps(
     vault: MailVault,
     queue: qutemail_queue::OutboundQueue,
     events: Option<qutemail_imap::MailboxEvents>,
+    login_throttle: std::sync::Arc<qutemail_store::LoginThrottle>,
 ) -> anyhow::Result<qutemail_web::WebDeps> {
     let web = config.web.as_ref().context("the configuration has no [web] section")?;
     let hsm = HsmKeyWrapper::open_async(config.hsm.clone()).await.context("opening the HSM ([hsm])")?;
@@ -208,5 +209,6 @@ pub async fn web_deps(
             })
             .collect(),
         on_delivery,
+        login_throttle,
     })
 }

@@ -11,33 +11,21 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{add_account, listener, qutemail, serve, site_config, write_tls};
+use common::{
+    LOOPBACK_SMTP, add_account, listener, qutemailctl, serve, site_config, smarthost_queue, write_tls,
+};
 use qutemail_hsm::testing::isolated;
 
 const TOKEN: &str = "gateway-metrics";
 
 fn config(dir: &Path, pin: &Path, relay: &str) -> String {
     site_config(dir, pin, TOKEN)
-        + &format!(
-            r#"
-[smtp]
-hostname = "mail.a.test"
-mx_listen = "127.0.0.1:0"
-submission_listen = "127.0.0.1:0"
-
-[mail_auth]
-check = false
-
-[queue]
-smarthost = "{relay}"
-
-[queue.retry]
-delays_s = [3600]
-
+        + LOOPBACK_SMTP
+        + &smarthost_queue(relay)
+        + r#"
 [metrics]
 listen = "127.0.0.1:0"
 "#
-        )
 }
 
 /// `GET /metrics` over plain HTTP/1.1, as Prometheus does: (status line, content type, body).
@@ -198,7 +186,7 @@ fn counters_move_by_what_was_sent_and_the_exposition_passes_promtool() {
         promtool_check(&after);
 
         // The operator's listing names the same reason.
-        let listing = qutemail(&["queue", "list"], &config_path, None);
+        let listing = qutemailctl(&["queue", "list"], &config_path, None);
         let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
         assert!(listing.contains("<carol@elsewhere.test>  queued  1 attempt(s)"), "{listing}");
         assert!(listing.contains("next hop unreachable"), "{listing}");

@@ -21,6 +21,10 @@ hostname = "mail.a.test"
 mx_listen = "127.0.0.1:0"
 submission_listen = "127.0.0.1:0"
 submissions_listen = "127.0.0.1:0"
+
+# Loopback only, no DNS: SPF/DKIM/DMARC checks (on by default) are tested in mail_auth.rs.
+[mail_auth]
+check = false
 "#
 }
 

@@ -21,6 +21,7 @@
 pub mod dkim;
 pub mod dns;
 pub mod dsn;
+pub mod msa;
 pub mod retry;
 mod runner;
 pub mod submission;

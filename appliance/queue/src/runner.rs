@@ -36,7 +36,7 @@ const UNREACHABLE_PREFIX: &str = "next hop unreachable";
 const LOCAL_ERROR_PREFIX: &str = "local error";
 
 /// Why a queued recipient waits, from its last reply as stored (`None`: not tried yet). The
-/// queue writes these replies, so the census of waiting mail (metrics) and `qutemail queue
+/// queue writes these replies, so the census of waiting mail (metrics) and `qutemailctl queue
 /// list` tell the same story.
 pub fn wait_reason(last_reply: Option<&str>) -> WaitReason {
     match last_reply {
@@ -466,6 +466,7 @@ impl OutboundQueue {
             Err(e @ (VaultError::KeysUnavailable { .. } | VaultError::Kmd { .. } | VaultError::Hsm(_))) => {
                 Err(Prepared::Wait(format!("{KEY_WAIT_PREFIX}: {e}")))
             }
+            // The policy's `refuse` rule: bounced now (5.7.1 below), never sent weaker.
             Err(e) => Err(Prepared::Refuse(e.to_string())),
         }
     }

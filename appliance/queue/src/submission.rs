@@ -53,18 +53,27 @@ pub enum SubmitError {
     /// Queueing failed.
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// No random bytes for a Message-ID.
+    #[error("cannot make a Message-ID: the system's random number generator failed: {0}")]
+    Random(getrandom::Error),
 }
 
-/// Submits a message from a local user of the site `domain`: local recipients first (sealed at
-/// rest in their INBOX), then the Sent copy, then the outbound queue for everyone else. Returns
-/// once every part is durable.
+/// Submits a message from a local user of the site `domain`: a `Message-ID` and `Date` added
+/// where the client gave none ([`crate::msa`]), then local recipients (sealed at rest in their
+/// INBOX), the Sent copy, and the outbound queue for everyone else. Returns once every part is
+/// durable.
 pub async fn submit(
     store: &Store,
     vault: &MailVault,
     queue: &OutboundQueue,
     domain: &str,
-    submission: Submission<'_>,
+    mut submission: Submission<'_>,
 ) -> Result<Submitted, SubmitError> {
+    if let Some(completed) =
+        crate::msa::complete_headers(&submission.message, domain).map_err(SubmitError::Random)?
+    {
+        submission.message = Zeroizing::new(completed);
+    }
     let is_local = |a: &Address| a.domain().eq_ignore_ascii_case(domain);
     let local: Vec<&Address> =
         submission.recipients.iter().map(|r| &r.address).filter(|a| is_local(a)).collect();

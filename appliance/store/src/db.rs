@@ -10,7 +10,7 @@ use crate::error::StoreError;
 use crate::types::Backend;
 
 /// Newest schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// (version, SQLite script, PostgreSQL script); applied in order, all pending ones in one
 /// transaction, so a database moves forward only and never stops half way.
@@ -29,6 +29,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         include_str!("../migrations/sqlite/0003_web.sql"),
         include_str!("../migrations/postgres/0003_web.sql"),
+    ),
+    (
+        4,
+        include_str!("../migrations/sqlite/0004_peer_deliveries.sql"),
+        include_str!("../migrations/postgres/0004_peer_deliveries.sql"),
     ),
 ];
 

@@ -68,6 +68,26 @@ pub enum StoreError {
     /// Stored data contradicts itself.
     #[error("mail store is inconsistent: {0}")]
     Corrupt(String),
+    /// A restore (or dump load) needs a store without mail, and this one holds some.
+    #[error("the mail store is not empty (table {table} has rows); restore only into a new store")]
+    NotEmpty {
+        /// The first table found with rows.
+        table: &'static str,
+    },
+    /// A dump follows another schema version than this build's.
+    #[error(
+        "the dump has mail store schema version {found} but this build has {expected}; restore it with the \
+         release that made it"
+    )]
+    SchemaMismatch {
+        /// The dump's version.
+        found: i64,
+        /// This build's version.
+        expected: i64,
+    },
+    /// The database (or a dump) has a table this build does not know how to dump or load.
+    #[error("the mail store has a table {0:?} that backup does not cover (a newer schema?)")]
+    UnknownTable(String),
     /// The password hashing task failed (a bug, or the runtime shut down).
     #[error("password hashing failed: {0}")]
     PasswordHash(String),

@@ -91,10 +91,12 @@ pub use store::{
     DEFAULT_MAILBOXES, NewQueueRecipient, NewQueuedMessage, QueueListing, QueueOutcome, QueuedDelivery,
     QueuedMessage, QueuedRecipient, Store, StoreConfig, normalize_address, normalize_mailbox_name,
 };
+// Backup and restore: a logical copy of every table.
+pub use store::{DUMP_TABLES, DumpTable, DumpValue, StoreDump};
 // Web API state (schema v3): sessions, reset tokens, settings, uploads, submissions.
 pub use store::{NewUpload, RefreshOutcome, SentRecord, Upload, WebSettings, WebSettingsUpdate};
 pub use types::{
     Account, AccountId, Appended, Backend, Changes, Copied, ExpungeScope, FlagChange, FlagOp, FlagState,
     Flags, FlagsUpdated, Mailbox, MailboxId, MailboxStatus, MessageMeta, NewAccount, NewMessage, NumberSet,
-    Protection, SearchQuery, Selection, SpecialUse,
+    PEER_DELIVERY_WINDOW, PeerDeliveryId, Protection, SearchQuery, Selection, SpecialUse,
 };

@@ -16,9 +16,11 @@ use crate::error::{AuthError, StoreError};
 use crate::password::{self, PasswordParams};
 use crate::types::*;
 
+mod dump;
 mod queue;
 mod web;
 
+pub use dump::{DUMP_TABLES, DumpTable, DumpValue, StoreDump};
 pub use queue::{
     NewQueueRecipient, NewQueuedMessage, QueueListing, QueueOutcome, QueuedDelivery, QueuedMessage,
     QueuedRecipient,
@@ -969,6 +971,32 @@ impl Store {
         message: &NewMessage,
         sealed: &mut (dyn AsyncRead + Send + Unpin),
     ) -> Result<Appended, StoreError> {
+        self.append_once(mailbox, message, None, sealed).await?.ok_or_else(|| {
+            StoreError::Corrupt("an append without a delivery id was taken for a repeat".into())
+        })
+    }
+
+    /// Appends a sealed message from a peer site once per account and `delivery`: `None` when
+    /// the account already received this delivery (within [`PEER_DELIVERY_WINDOW`]), and then
+    /// nothing is stored. The check and the append are one transaction, so a crash between
+    /// them cannot leave the message stored but unrecorded (or the reverse).
+    pub async fn append_peer_delivery(
+        &self,
+        mailbox: MailboxId,
+        message: &NewMessage,
+        delivery: &PeerDeliveryId,
+        sealed: &mut (dyn AsyncRead + Send + Unpin),
+    ) -> Result<Option<Appended>, StoreError> {
+        self.append_once(mailbox, message, Some(delivery), sealed).await
+    }
+
+    async fn append_once(
+        &self,
+        mailbox: MailboxId,
+        message: &NewMessage,
+        delivery: Option<&PeerDeliveryId>,
+        sealed: &mut (dyn AsyncRead + Send + Unpin),
+    ) -> Result<Option<Appended>, StoreError> {
         let mut keywords = BTreeSet::new();
         for k in &message.keywords {
             check_keyword(k)?;
@@ -978,13 +1006,11 @@ impl Store {
         let size = int(message.size, "message size")?;
         let target = self.mailbox_by_id(mailbox).await?;
         let blob = self.inner.blobs.put(sealed).await?;
-        match self.append_row(&target, message, &keywords, size, &blob).await {
-            Ok(a) => Ok(a),
-            Err(e) => {
-                self.drop_blobs(std::slice::from_ref(&blob.id)).await;
-                Err(e)
-            }
+        let result = self.append_row(&target, message, &keywords, size, &blob, delivery).await;
+        if !matches!(result, Ok(Some(_))) {
+            self.drop_blobs(std::slice::from_ref(&blob.id)).await;
         }
+        result
     }
 
     async fn append_row(
@@ -994,9 +1020,33 @@ impl Store {
         keywords: &BTreeSet<String>,
         size: i64,
         blob: &StoredBlob,
-    ) -> Result<Appended, StoreError> {
+        delivery: Option<&PeerDeliveryId>,
+    ) -> Result<Option<Appended>, StoreError> {
         let unique_id = random_hex()?;
         let mut tx = self.write().await?;
+        if let Some(delivery) = delivery {
+            let now = now_ms();
+            let window = i64::try_from(PEER_DELIVERY_WINDOW.as_millis()).unwrap_or(i64::MAX);
+            sqlx::query("DELETE FROM peer_deliveries WHERE received_at < $1")
+                .bind(now.saturating_sub(window))
+                .execute(&mut **tx)
+                .await
+                .db(self.b())?;
+            let recorded = sqlx::query(
+                "INSERT INTO peer_deliveries (account_id, delivery, received_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (account_id, delivery) DO NOTHING",
+            )
+            .bind(target.account_id.0)
+            .bind(&delivery.0[..])
+            .bind(now)
+            .execute(&mut **tx)
+            .await
+            .db(self.b())?;
+            if recorded.rows_affected() == 0 {
+                // Dropping the transaction rolls it back: nothing of this repeat is kept.
+                return Ok(None);
+            }
+        }
         self.charge_quota(&mut tx, target.account_id, size).await?;
         // One statement allocates the UID and the MODSEQ: the row lock (PostgreSQL) or the
         // write lock (SQLite) makes it atomic under concurrent appends.
@@ -1019,12 +1069,12 @@ impl Store {
         self.insert_message(&mut tx, target.id, uid, modseq, message, keywords, size, &unique_id, blob)
             .await?;
         self.commit(tx).await?;
-        Ok(Appended {
+        Ok(Some(Appended {
             uid: u32_of(uid, "uid")?,
             modseq: u64_of(modseq, "modseq")?,
             uidvalidity: u32_of(uidvalidity, "uidvalidity")?,
             unique_id,
-        })
+        }))
     }
 
     #[allow(clippy::too_many_arguments)]

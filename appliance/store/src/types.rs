@@ -264,6 +264,23 @@ pub struct NewMessage {
     pub summary: Option<Vec<u8>>,
 }
 
+/// Names one delivery of a sealed message from a peer site, so a repeat of it (the sender
+/// re-seals and resends when it could not record a delivery that happened) is stored once per
+/// account. The vault derives it from the verified sender domain and the bound Message-ID; the
+/// store keeps only these 32 bytes, for [`PEER_DELIVERY_WINDOW`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PeerDeliveryId(pub [u8; 32]);
+
+impl std::fmt::Debug for PeerDeliveryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PeerDeliveryId({})", hex::encode(&self.0[..8]))
+    }
+}
+
+/// How long a [`PeerDeliveryId`] is remembered: longer than any sending queue keeps retrying
+/// (the default queue gives up after 5 days).
+pub const PEER_DELIVERY_WINDOW: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
 /// What [`crate::Store::append`] assigned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {

@@ -11,7 +11,11 @@ use std::time::{Duration, SystemTime};
 use qutemail_store::testing::TestStore;
 use qutemail_store::*;
 
-on_both_backends!(queued_messages_are_claimed_once_and_leave_when_done, queue_blobs_are_not_swept_as_orphans);
+on_both_backends!(
+    queued_messages_are_claimed_once_and_leave_when_done,
+    queue_blobs_are_not_swept_as_orphans,
+    operators_retry_and_delete_queued_messages
+);
 
 fn protection() -> Protection {
     Protection { kind: "at-rest.normal".into(), wrapped_key: vec![7; 40], key_ids: vec![], certificate: None }
@@ -148,4 +152,70 @@ async fn queue_blobs_are_not_swept_as_orphans(t: TestStore) {
     .await
     .unwrap();
     assert_eq!(bytes, b"queued");
+}
+
+async fn operators_retry_and_delete_queued_messages(t: TestStore) {
+    let s = &t.store;
+    let first = s.enqueue(&message(&["bob@b.example", "carol@b.example"]), &mut &b"first"[..]).await.unwrap();
+    let second = s.enqueue(&message(&["dave@c.example"]), &mut &b"second"[..]).await.unwrap();
+    let now = SystemTime::now();
+    let claimed = s.claim_due(now, Duration::from_secs(60), 100).await.unwrap();
+    // Every recipient waits an hour (as after a failed attempt) but bob, who was delivered.
+    let hour = now + Duration::from_secs(3600);
+    let retry = |at| QueueOutcome::Retry {
+        at,
+        status: "4.4.1".into(),
+        reply: "peer unreachable".into(),
+        remote: None,
+        warned: false,
+    };
+    let mut outcomes = Vec::new();
+    for d in &claimed {
+        for r in &d.recipients {
+            let outcome = if r.address == "bob@b.example" {
+                QueueOutcome::Delivered { remote: "mx.b.example".into(), reply: "250 ok".into() }
+            } else {
+                retry(hour)
+            };
+            outcomes.push((r.id, outcome));
+        }
+    }
+    s.record_queue_outcomes(&outcomes).await.unwrap();
+    assert!(s.claim_due(SystemTime::now(), Duration::from_secs(60), 100).await.unwrap().is_empty());
+
+    // The message as an operator looks it up: only carol still waits.
+    let (m, waiting) = s.queued_message(&first).await.unwrap().unwrap();
+    assert_eq!((m.queue_id.as_str(), m.sender.as_str(), m.size), (first.as_str(), "alice@a.example", 1234));
+    assert_eq!(waiting.iter().map(|r| r.address.as_str()).collect::<Vec<_>>(), ["carol@b.example"]);
+    assert_eq!(waiting[0].attempts, 1);
+    assert!(s.queued_message("0123456789abcdef0123456789abcdef").await.unwrap().is_none());
+
+    // Retry one message: only its waiting recipient becomes due, once.
+    assert_eq!(s.retry_queued_now(Some(&first)).await.unwrap(), 1);
+    assert_eq!(s.retry_queued_now(Some("no-such-id")).await.unwrap(), 0);
+    let due = s.claim_due(SystemTime::now(), Duration::from_secs(60), 100).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].recipients[0].address, "carol@b.example");
+    s.record_queue_outcomes(&[(due[0].recipients[0].id, retry(hour))]).await.unwrap();
+    // Retry everything: both waiting recipients become due.
+    assert_eq!(s.retry_queued_now(None).await.unwrap(), 2);
+    let due = s.claim_due(SystemTime::now(), Duration::from_secs(60), 100).await.unwrap();
+    let mut addresses: Vec<&str> =
+        due.iter().flat_map(|d| &d.recipients).map(|r| r.address.as_str()).collect();
+    addresses.sort_unstable();
+    assert_eq!(addresses, ["carol@b.example", "dave@c.example"]);
+
+    // Delete the first message while its recipient is leased: it leaves with its blob, the
+    // waiting recipient is returned, and the late outcome of the attempt changes nothing.
+    let blob_files = || common::files_under(&t.config.blob_dir);
+    let before = blob_files().len();
+    let carol = due.iter().flat_map(|d| &d.recipients).find(|r| r.address == "carol@b.example").unwrap();
+    let removed = s.delete_queued(&first).await.unwrap().unwrap();
+    assert_eq!(removed.iter().map(|r| r.address.as_str()).collect::<Vec<_>>(), ["carol@b.example"]);
+    assert_eq!(blob_files().len(), before - 1);
+    s.record_queue_outcomes(&[(carol.id, retry(hour))]).await.unwrap();
+    assert!(s.delete_queued(&first).await.unwrap().is_none(), "deleted twice");
+    assert!(s.queued_message(&first).await.unwrap().is_none());
+    let listing = s.queue_listing().await.unwrap();
+    assert_eq!(listing.iter().map(|l| l.queue_id.as_str()).collect::<Vec<_>>(), [second.as_str()]);
 }

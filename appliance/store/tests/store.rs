@@ -27,7 +27,41 @@ on_both_backends!(
     sequence_numbers_map_to_uids,
     blob_of_25_mb_streams_through,
     schema_is_versioned_and_a_newer_one_refused,
+    a_repeated_peer_delivery_is_stored_once_per_account,
 );
+
+/// A peer site that resends a delivery (it crashed after our 250) gets it accepted again, but
+/// each account keeps one copy: no second row, no second blob, no second quota charge. Another
+/// account's copy of the same delivery, and another delivery, are stored as usual; the record
+/// survives a restart.
+async fn a_repeated_peer_delivery_is_stored_once_per_account(t: TestStore) {
+    let s = &t.store;
+    let a = create(s, "erin@site.example").await;
+    let b = create(s, "frank@site.example").await;
+    let a_inbox = s.mailbox(a.id, "INBOX").await.unwrap();
+    let b_inbox = s.mailbox(b.id, "INBOX").await.unwrap();
+    let first = PeerDeliveryId([7; 32]);
+    let other = PeerDeliveryId([8; 32]);
+    let deliver = |mailbox: MailboxId, id: PeerDeliveryId, bytes: &'static [u8]| async move {
+        let mut src = bytes;
+        s.append_peer_delivery(mailbox, &new_message(bytes.len() as u64), &id, &mut src).await.unwrap()
+    };
+    let stored = deliver(a_inbox.id, first, b"sealed first attempt").await.expect("first delivery stored");
+    assert_eq!(stored.uid, 1);
+    assert_eq!(deliver(a_inbox.id, first, b"sealed again with new keys").await, None, "repeat not stored");
+    assert!(deliver(b_inbox.id, first, b"the same delivery for frank").await.is_some());
+    assert_eq!(deliver(a_inbox.id, other, b"another message").await.map(|a| a.uid), Some(2));
+    let blobs = t.config.blob_dir.join("blobs");
+    assert_eq!(files_under(&blobs).len(), 3, "the repeat's blob is not kept");
+    assert_eq!(s.uids(a_inbox.id).await.unwrap(), vec![1, 2]);
+    let used = s.account("erin@site.example").await.unwrap().used_bytes;
+    assert_eq!(used, (b"sealed first attempt".len() + b"another message".len()) as u64);
+    s.close().await;
+    let s = t.reopen().await;
+    let mut src: &[u8] = b"after a restart";
+    let again = s.append_peer_delivery(a_inbox.id, &new_message(15), &first, &mut src).await.unwrap();
+    assert_eq!(again, None, "remembered across a restart");
+}
 
 async fn account_creation_makes_the_five_mailboxes(t: TestStore) {
     let s = &t.store;

@@ -5,7 +5,7 @@
 //! registry). [`serve`] answers `GET /metrics` over plain HTTP in the Prometheus text format
 //! 0.0.4 (what Prometheus 2.x and `promtool check metrics` read). Queue depth and age are
 //! gauges filled just before each scrape by a census the gateway passes to [`serve`], so they
-//! come from the durable queue (the same rows `qutemail queue list` shows), not from counting
+//! come from the durable queue (the same rows `qutemailctl queue list` shows), not from counting
 //! in memory.
 //!
 //! | family | type | labels | meaning |
@@ -174,6 +174,11 @@ struct VerifyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MailAuthLabels {
     method: String,
     result: String,
@@ -204,6 +209,7 @@ struct Families {
     latency: HistogramFamily<RouteModeLabels>,
     verify: Family<VerifyLabels, Counter>,
     mail_auth: Family<MailAuthLabels, Counter>,
+    repeats: Family<PeerLabels, Counter>,
 }
 
 /// The gateway's metrics. Cheap to clone; clones update the same registry.
@@ -284,6 +290,13 @@ impl GatewayMetrics {
             "Mail authentication outcomes on inbound mail, by method (spf, dkim, dmarc) and result",
             mail_auth.clone(),
         );
+        let repeats = Family::<PeerLabels, Counter>::default();
+        registry.register(
+            "peer_repeated_deliveries",
+            "Recipients of a sealed message a peer site delivered again (it could not record the first \
+             delivery): accepted and not stored twice, by peer site",
+            repeats.clone(),
+        );
         for reason in WaitReason::ALL {
             queue_messages.get_or_create(&ReasonLabels { reason: reason.as_str() }).set(0);
             queue_oldest.get_or_create(&ReasonLabels { reason: reason.as_str() }).set(0.0);
@@ -301,6 +314,7 @@ impl GatewayMetrics {
                 latency,
                 verify,
                 mail_auth,
+                repeats,
             }),
         }
     }
@@ -317,6 +331,12 @@ impl GatewayMetrics {
                 peer: peer.into(),
             })
             .inc();
+    }
+
+    /// `recipients` of a sealed message that `peer` delivered again, accepted without storing
+    /// it twice.
+    pub fn peer_repeated_delivery(&self, peer: &str, recipients: u64) {
+        self.inner.repeats.get_or_create(&PeerLabels { peer: peer.into() }).inc_by(recipients);
     }
 
     /// A recipient delivered over `route` sealed with `mode`, `queued_for` after it was queued.

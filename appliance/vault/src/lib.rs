@@ -24,6 +24,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod directory;
+mod key_record;
 mod kmd;
 mod mailroom;
 mod policy;
@@ -34,13 +35,15 @@ mod vault;
 use std::path::{Path, PathBuf};
 
 pub use directory::{PeerSite, SiteDirectory};
+pub use key_record::{KeyWrapping, join_key_record, split_key_record};
 pub use kmd::{KmdKeySource, LinkContext};
 pub use mailroom::{AppendRequest, Presented, presentation_headers};
-pub use policy::{PolicyRefusal, Protection, ProtectionPolicy};
+pub use policy::{KeysExhausted, PolicyRefusal, Protection, ProtectionPolicy};
 pub use routing::routing_headers;
-pub use site_keys::{SiteCard, SiteKeys};
+pub use site_keys::{SiteCard, SiteKeys, write_private_atomically};
 pub use vault::{
     Inbound, MailVault, Opened, Outbound, SealOrder, StoredKind, StoredProtection, VaultSettings,
+    peer_delivery_id,
 };
 
 /// What went wrong protecting or opening a message.
@@ -61,6 +64,15 @@ pub enum VaultError {
     KeysUnavailable {
         /// kmd's ETSI 014 URL.
         url: String,
+        /// kmd's answer.
+        reason: String,
+    },
+    /// kmd has no QKD keys for the peer and the policy's rule for it is `refuse`: the message
+    /// is bounced rather than sent weaker or kept waiting.
+    #[error("no QKD keys for {peer} ({reason}) and this site's policy refuses such mail rather than waiting")]
+    KeysExhaustedRefused {
+        /// The peer's domain.
+        peer: String,
         /// kmd's answer.
         reason: String,
     },

@@ -60,7 +60,9 @@ impl MailVault {
         self.append_sealed(store, mailbox, &stored, request, size, sealed).await
     }
 
-    /// Appends an accepted inbound envelope (`sealed`, as it arrived) to `mailbox`.
+    /// Appends an accepted inbound envelope (`sealed`, as it arrived) to `mailbox`, once per
+    /// account and delivery: `None` when the account already has it (the sending site repeated
+    /// a delivery it could not record), and then nothing is stored.
     pub async fn append_inbound(
         &self,
         store: &Store,
@@ -68,9 +70,15 @@ impl MailVault {
         inbound: &Inbound,
         request: &AppendRequest,
         sealed: &[u8],
-    ) -> Result<Appended, VaultError> {
+    ) -> Result<Option<Appended>, VaultError> {
         let size = presentation_headers(&inbound.stored).len() as u64 + inbound.plaintext_len;
-        self.append_sealed(store, mailbox, &inbound.stored, request, size, sealed.to_vec()).await
+        let new = new_message(&inbound.stored, request, size);
+        let mut reader = std::io::Cursor::new(sealed);
+        match &inbound.delivery {
+            Some(delivery) => store.append_peer_delivery(mailbox, &new, delivery, &mut reader).await,
+            None => store.append(mailbox, &new, &mut reader).await.map(Some),
+        }
+        .map_err(VaultError::Store)
     }
 
     async fn append_sealed(
@@ -82,14 +90,7 @@ impl MailVault {
         size: u64,
         sealed: Vec<u8>,
     ) -> Result<Appended, VaultError> {
-        let new = NewMessage {
-            flags: request.flags,
-            keywords: request.keywords.clone(),
-            internal_date: request.internal_date,
-            size,
-            protection: stored.to_store(),
-            summary: None,
-        };
+        let new = new_message(stored, request, size);
         let mut reader = std::io::Cursor::new(sealed);
         store.append(mailbox, &new, &mut reader).await.map_err(VaultError::Store)
     }
@@ -237,5 +238,17 @@ impl StoredProtection {
             key_ids,
             certificate: p.certificate.clone(),
         })
+    }
+}
+
+/// The store's record of a sealed message about to be appended.
+fn new_message(stored: &StoredProtection, request: &AppendRequest, size: u64) -> NewMessage {
+    NewMessage {
+        flags: request.flags,
+        keywords: request.keywords.clone(),
+        internal_date: request.internal_date,
+        size,
+        protection: stored.to_store(),
+        summary: None,
     }
 }

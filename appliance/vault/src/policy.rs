@@ -42,6 +42,31 @@ impl std::fmt::Display for Protection {
     }
 }
 
+/// What happens to a message for a linked peer when kmd has no QKD keys for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeysExhausted {
+    /// It waits in the queue (a temporary failure, retried) until keys return: never weaker.
+    #[default]
+    Defer,
+    /// It is sealed with ML-KEM-768 alone (`pqc`) and sent now. Also lets senders ask for
+    /// `pqc` explicitly. A sender's explicit QKD mode is never replaced: it waits.
+    Pqc,
+    /// It is refused: the sender gets a delivery status notification at once.
+    Refuse,
+}
+
+impl KeysExhausted {
+    /// The name used in configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeysExhausted::Defer => "defer",
+            KeysExhausted::Pqc => "pqc",
+            KeysExhausted::Refuse => "refuse",
+        }
+    }
+}
+
 /// The site's rules for choosing a protection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,13 +75,17 @@ pub struct ProtectionPolicy {
     /// QKD mode (default `hybrid`).
     #[serde(default = "default_linked")]
     pub linked_default: Protection,
-    /// Whether a message may fall back to `pqc` when kmd has no keys (default false: the
-    /// message waits in the queue instead).
+    /// What happens when kmd has no keys for a peer (default `defer`: the message waits in the
+    /// queue). A peer's own rule ([`Self::per_peer`]) takes precedence.
     #[serde(default)]
-    pub allow_pqc_fallback: bool,
+    pub keys_exhausted: KeysExhausted,
     /// Largest message (inner MIME bytes) sent with a one-time pad (default 64 KiB).
     #[serde(default = "default_otp_max")]
     pub otp_max_bytes: usize,
+    /// Per-peer `keys_exhausted` rules by lower-case domain (from each `[[peer]]` table, not
+    /// from `[policy]`).
+    #[serde(skip)]
+    pub per_peer: std::collections::BTreeMap<String, KeysExhausted>,
 }
 
 fn default_linked() -> Protection {
@@ -69,24 +98,37 @@ fn default_otp_max() -> usize {
 
 impl Default for ProtectionPolicy {
     fn default() -> Self {
-        Self { linked_default: default_linked(), allow_pqc_fallback: false, otp_max_bytes: default_otp_max() }
+        Self {
+            linked_default: default_linked(),
+            keys_exhausted: KeysExhausted::Defer,
+            otp_max_bytes: default_otp_max(),
+            per_peer: Default::default(),
+        }
     }
 }
 
 impl ProtectionPolicy {
-    /// The protection for a message to `peer` (`None`: a domain with no QKD link), given what
-    /// the sender asked for (`None`: the site default).
+    /// What happens to mail for the linked peer `domain` when kmd has no keys for it.
+    pub fn keys_exhausted_for(&self, domain: &str) -> KeysExhausted {
+        self.per_peer.get(&domain.to_ascii_lowercase()).copied().unwrap_or(self.keys_exhausted)
+    }
+
+    /// The protection for a message to `linked_peer` (`None`: a domain with no QKD link),
+    /// given what the sender asked for (`None`: the site default). `pqc` may be asked for only
+    /// where the peer's rule is the `pqc` fallback.
     pub fn choose(
         &self,
-        peer_linked: bool,
+        linked_peer: Option<&str>,
         requested: Option<Protection>,
     ) -> Result<Protection, PolicyRefusal> {
-        match (peer_linked, requested) {
-            (false, None | Some(Protection::Normal)) => Ok(Protection::Normal),
-            (false, Some(p)) => Err(PolicyRefusal::NoLink(p)),
-            (true, None) => Ok(self.linked_default),
-            (true, Some(Protection::Pqc)) if !self.allow_pqc_fallback => Err(PolicyRefusal::PqcNotAllowed),
-            (true, Some(p)) => Ok(p),
+        match (linked_peer, requested) {
+            (None, None | Some(Protection::Normal)) => Ok(Protection::Normal),
+            (None, Some(p)) => Err(PolicyRefusal::NoLink(p)),
+            (Some(_), None) => Ok(self.linked_default),
+            (Some(peer), Some(Protection::Pqc)) if self.keys_exhausted_for(peer) != KeysExhausted::Pqc => {
+                Err(PolicyRefusal::PqcNotAllowed)
+            }
+            (Some(_), Some(p)) => Ok(p),
         }
     }
 }
@@ -97,8 +139,8 @@ pub enum PolicyRefusal {
     /// The recipient's domain shares no QKD link with this site.
     #[error("{0} protection needs a QKD link to the recipient's site, and there is none")]
     NoLink(Protection),
-    /// `pqc` was asked for but the site does not allow it.
-    #[error("this site's policy does not allow ML-KEM-only (pqc) protection")]
+    /// `pqc` was asked for but the site's rule for this peer is not the `pqc` fallback.
+    #[error("this site's policy does not allow ML-KEM-only (pqc) protection for this peer")]
     PqcNotAllowed,
 }
 
@@ -109,12 +151,26 @@ mod tests {
     #[test]
     fn linked_peers_get_the_default_and_others_normal() {
         let p = ProtectionPolicy::default();
-        assert_eq!(p.choose(true, None), Ok(Protection::Hybrid));
-        assert_eq!(p.choose(false, None), Ok(Protection::Normal));
-        assert_eq!(p.choose(true, Some(Protection::Otp)), Ok(Protection::Otp));
-        assert_eq!(p.choose(false, Some(Protection::Qaes)), Err(PolicyRefusal::NoLink(Protection::Qaes)));
-        assert_eq!(p.choose(true, Some(Protection::Pqc)), Err(PolicyRefusal::PqcNotAllowed));
-        let lenient = ProtectionPolicy { allow_pqc_fallback: true, ..p };
-        assert_eq!(lenient.choose(true, Some(Protection::Pqc)), Ok(Protection::Pqc));
+        let b = Some("b.test");
+        assert_eq!(p.choose(b, None), Ok(Protection::Hybrid));
+        assert_eq!(p.choose(None, None), Ok(Protection::Normal));
+        assert_eq!(p.choose(b, Some(Protection::Otp)), Ok(Protection::Otp));
+        assert_eq!(p.choose(None, Some(Protection::Qaes)), Err(PolicyRefusal::NoLink(Protection::Qaes)));
+        assert_eq!(p.choose(b, Some(Protection::Pqc)), Err(PolicyRefusal::PqcNotAllowed));
+        let lenient = ProtectionPolicy { keys_exhausted: KeysExhausted::Pqc, ..p.clone() };
+        assert_eq!(lenient.choose(b, Some(Protection::Pqc)), Ok(Protection::Pqc));
+    }
+
+    #[test]
+    fn a_peer_rule_overrides_the_site_default() {
+        let mut p = ProtectionPolicy { keys_exhausted: KeysExhausted::Pqc, ..ProtectionPolicy::default() };
+        p.per_peer.insert("c.test".into(), KeysExhausted::Refuse);
+        assert_eq!(p.keys_exhausted_for("B.test"), KeysExhausted::Pqc);
+        assert_eq!(p.keys_exhausted_for("C.TEST"), KeysExhausted::Refuse);
+        assert_eq!(p.choose(Some("c.test"), Some(Protection::Pqc)), Err(PolicyRefusal::PqcNotAllowed));
+        let parsed: ProtectionPolicy = toml::from_str("keys_exhausted = \"refuse\"").unwrap();
+        assert_eq!(parsed.keys_exhausted, KeysExhausted::Refuse);
+        assert!(toml::from_str::<ProtectionPolicy>("keys_exhausted = \"weaker\"").is_err());
+        assert!(toml::from_str::<ProtectionPolicy>("allow_pqc_fallback = true").is_err());
     }
 }

@@ -171,8 +171,9 @@ impl SiteKeys {
     }
 }
 
-/// Writes `bytes` to `path` readable by the owner only, through a synced temporary file.
-pub(crate) fn write_private_atomically(path: &Path, bytes: &[u8]) -> Result<(), VaultError> {
+/// Writes `bytes` to `path` readable by the owner only (mode 0600), through a synced temporary
+/// file renamed into place, then syncs the directory: a crash leaves the old file or the new.
+pub fn write_private_atomically(path: &Path, bytes: &[u8]) -> Result<(), VaultError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = path.with_extension("tmp");

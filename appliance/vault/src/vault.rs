@@ -15,16 +15,13 @@ use zeroize::Zeroizing;
 
 use crate::VaultError;
 use crate::directory::SiteDirectory;
+use crate::key_record::{KeyWrapping, join_key_record, split_key_record};
 use crate::kmd::{KmdKeySource, LinkContext};
-use crate::policy::{Protection, ProtectionPolicy};
+use crate::policy::{KeysExhausted, Protection, ProtectionPolicy};
 use crate::site_keys::SiteKeys;
 
 /// Largest one-time-pad message opened from the store (far above any site's sending limit).
 const STORED_OTP_MAX: usize = 16 * 1024 * 1024;
-
-/// Magic and version of a [`StoredProtection::key_record`].
-const KEY_RECORD_MAGIC: [u8; 4] = *b"QMKR";
-const KEY_RECORD_VERSION: u8 = 1;
 
 /// How a stored message's bytes are sealed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +107,23 @@ pub struct Inbound {
     pub certificate: CertificateCheck,
     /// The sending site's domain.
     pub sender_domain: String,
+    /// Names this delivery so a repeat of it is stored once (see [`peer_delivery_id`]); `None`
+    /// when the envelope carries no Message-ID.
+    pub delivery: Option<qutemail_store::PeerDeliveryId>,
+}
+
+/// The id of a peer site's delivery: SHA-256 over the verified sender domain and the message's
+/// bound `Message-ID`. The sender takes fresh QKD keys at every attempt, so nothing else in a
+/// repeated delivery is the same; the Message-ID is bound to the ciphertext and the certificate,
+/// and the domain is the peer whose keys opened it, so no other site can claim the id.
+pub fn peer_delivery_id(sender_domain: &str, message_id: &str) -> qutemail_store::PeerDeliveryId {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(b"QuteMail-Peer-Delivery/1\0");
+    h.update(sender_domain.to_ascii_lowercase().as_bytes());
+    h.update(b"\0");
+    h.update(message_id.trim().as_bytes());
+    qutemail_store::PeerDeliveryId(h.finalize().into())
 }
 
 /// The outcome of opening a stored message.
@@ -199,14 +213,16 @@ impl MailVault {
         requested: Option<Protection>,
     ) -> Result<Protection, VaultError> {
         let linked = self.inner.peers.by_domain(recipient_domain).is_some() && self.inner.kmd.is_some();
-        Ok(self.inner.settings.policy.choose(linked, requested)?)
+        Ok(self.inner.settings.policy.choose(linked.then_some(recipient_domain), requested)?)
     }
 
     /// Seals the inner RFC 5322 message (`order.inner_len` bytes from `inner`) for
     /// `order.recipient_domain` into `output` with `order.protection` (from [`Self::choose`];
-    /// not `normal`). Takes the QKD keys
-    /// from kmd; when kmd has none, `may_fall_back` is set (the protection was the policy's
-    /// choice, not the sender's explicit request) and the policy allows it, falls back to `pqc`.
+    /// not `normal`). Takes the QKD keys from kmd; when kmd has none, the peer's
+    /// [`KeysExhausted`](crate::KeysExhausted) rule decides: `defer` returns
+    /// [`VaultError::KeysUnavailable`] (the message waits), `refuse` returns
+    /// [`VaultError::KeysExhaustedRefused`], and `pqc` seals with ML-KEM only where
+    /// `may_fall_back` is set (the protection was the policy's choice, not the sender's).
     /// Streams with memory bounded by the chunk size.
     pub async fn seal_outbound<R, W>(
         &self,
@@ -255,12 +271,23 @@ impl MailVault {
                 };
                 match take_keys(kmd, &peer.sae_id, number, bits, per_request).await {
                     Ok((keys, link)) => (p, keys, Some(link)),
-                    Err(VaultError::KeysUnavailable { url, reason })
-                        if may_fall_back && s.policy.allow_pqc_fallback =>
-                    {
-                        tracing::warn!(%url, %reason, peer = %peer.domain, wanted = %p,
-                            "no QKD keys: sealing with ML-KEM only (policy allows the pqc fallback)");
-                        (Protection::Pqc, Vec::new(), None)
+                    Err(VaultError::KeysUnavailable { url, reason }) => {
+                        match s.policy.keys_exhausted_for(&peer.domain) {
+                            KeysExhausted::Pqc if may_fall_back => {
+                                tracing::warn!(%url, %reason, peer = %peer.domain, wanted = %p,
+                                    "no QKD keys: sealing with ML-KEM only (the policy's pqc fallback)");
+                                (Protection::Pqc, Vec::new(), None)
+                            }
+                            KeysExhausted::Refuse => {
+                                return Err(VaultError::KeysExhaustedRefused {
+                                    peer: peer.domain.clone(),
+                                    reason,
+                                });
+                            }
+                            KeysExhausted::Defer | KeysExhausted::Pqc => {
+                                return Err(VaultError::KeysUnavailable { url, reason });
+                            }
+                        }
                     }
                     Err(e) => return Err(e),
                 }
@@ -378,6 +405,7 @@ impl MailVault {
             },
             plaintext_len: report.plaintext_len,
             certificate: report.certificate,
+            delivery: header.message_id.as_deref().map(|id| peer_delivery_id(&peer.domain, id)),
             sender_domain: peer.domain,
         })
     }
@@ -405,7 +433,7 @@ impl MailVault {
         .await
         .map_err(join_error)?
         .map_err(VaultError::Envelope)?;
-        let record = encode_key_record(wrapped.as_bytes(), &[]);
+        let record = encode_key_record(wrapped.as_bytes(), &[])?;
         let stored = StoredProtection {
             kind: StoredKind::AtRest,
             protection,
@@ -484,7 +512,7 @@ impl MailVault {
         let params = AtRestParams::generate().map_err(VaultError::Envelope)?;
         at_rest::seal_at_rest(&data_key, &params, list.as_slice(), &mut sealed)
             .map_err(VaultError::Envelope)?;
-        Ok(encode_key_record(wrapped.as_bytes(), &sealed))
+        encode_key_record(wrapped.as_bytes(), &sealed)
     }
 
     async fn unwrap_data_key(&self, wrapped: &WrappedKey) -> Result<DataKey, VaultError> {
@@ -543,28 +571,14 @@ fn open_key_list(data_key: &DataKey, sealed: &[u8]) -> Result<Vec<QkdKey>, Vault
     Ok(keys)
 }
 
-fn encode_key_record(wrapped: &[u8], sealed_keys: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(9 + wrapped.len() + sealed_keys.len());
-    out.extend_from_slice(&KEY_RECORD_MAGIC);
-    out.push(KEY_RECORD_VERSION);
-    out.extend_from_slice(&(wrapped.len() as u32).to_be_bytes());
-    out.extend_from_slice(wrapped);
-    out.extend_from_slice(sealed_keys);
-    out
+fn encode_key_record(wrapped: &[u8], sealed_keys: &[u8]) -> Result<Vec<u8>, VaultError> {
+    join_key_record(KeyWrapping::Hsm, wrapped, sealed_keys)
 }
 
 fn decode_key_record(record: &[u8]) -> Result<(WrappedKey, Vec<u8>), VaultError> {
-    let corrupt = |m: &str| VaultError::CorruptRecord(m.to_owned());
-    if record.len() < 9 || record[..4] != KEY_RECORD_MAGIC {
-        return Err(corrupt("not a key record"));
-    }
-    if record[4] != KEY_RECORD_VERSION {
-        return Err(corrupt("unsupported key record version"));
-    }
-    let len = u32::from_be_bytes([record[5], record[6], record[7], record[8]]) as usize;
-    let wrapped = record.get(9..9 + len).ok_or_else(|| corrupt("truncated key record"))?;
+    let (wrapped, rest) = split_key_record(record, KeyWrapping::Hsm)?;
     let wrapped = WrappedKey::from_bytes(wrapped).map_err(|e| VaultError::CorruptRecord(e.to_string()))?;
-    Ok((wrapped, record[9 + len..].to_vec()))
+    Ok((wrapped, rest.to_vec()))
 }
 
 fn link_info(link: &LinkContext) -> LinkInfo {

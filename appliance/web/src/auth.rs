@@ -1,13 +1,13 @@
 //! `/api/auth/*`, `/api/account/*` and the admin's reset token: sign-up, login, refresh,
 //! logout, password change and reset, settings.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use qutemail_store::{AuthError, NewAccount, RefreshOutcome, StoreError, WebSettingsUpdate};
+use qutemail_store::{AuthError, LoginGate, NewAccount, RefreshOutcome, StoreError, WebSettingsUpdate};
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 use zeroize::Zeroizing;
@@ -278,17 +278,22 @@ pub(crate) async fn login(
 ) -> ApiResult<Json<Tokens>> {
     let address = full_address(&state, &req.address);
     let password = Zeroizing::new(req.password);
-    if let Some(wait) = state.limiter.check(&address, ip) {
-        tracing::info!(client = %ip, "login refused: rate limited");
-        return Err(ApiError::rate_limited(wait.as_secs().max(1)));
+    let throttle = &state.deps.login_throttle;
+    match throttle.gate(&address, ip, Instant::now()) {
+        LoginGate::AddressRefused { retry_after } => {
+            tracing::warn!(client = %ip, "login refused: too many failed logins from this address");
+            return Err(ApiError::rate_limited(retry_after.as_secs().max(1)));
+        }
+        // Slows guessing as IMAP and POP3 do; the account's owner is never locked out.
+        LoginGate::Proceed { delay } => tokio::time::sleep(delay).await,
     }
     match state.deps.store.authenticate(&address, &password).await {
         Ok(account) => {
-            state.limiter.succeeded(&address, ip);
+            throttle.succeeded(&address, ip);
             Ok(Json(start_session(&state, &account).await?))
         }
         Err(AuthError::Rejected) => {
-            state.limiter.failed(&address, ip);
+            throttle.failed(&address, ip, Instant::now());
             tracing::info!(client = %ip, "login failed");
             Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", "wrong address or password"))
         }

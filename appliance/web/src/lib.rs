@@ -4,8 +4,9 @@
 //!
 //! - Authentication ([`token`]): short-lived access tokens (JWT, EdDSA/Ed25519 with a key the
 //!   appliance generates and keeps HSM-wrapped), rotating refresh tokens with reuse detection,
-//!   logout and password change revoke sessions, single-use reset tokens sent by mail, login
-//!   rate limiting per account and per client address ([`ratelimit`]).
+//!   logout and password change revoke sessions, single-use reset tokens sent by mail, failed
+//!   logins throttled per account and per client address with the gateway's other protocols
+//!   ([`qutemail_store::LoginThrottle`]).
 //! - Mail: folders, listing (messages are opened through the vault on request: the store knows
 //!   no subject or body), reading with the per-message certificate, raw and attachments, flags,
 //!   move, delete to Trash, drafts, search, sealed uploads, compose. Compose builds the MIME
@@ -33,7 +34,6 @@ mod message;
 pub mod metrics;
 mod openapi;
 mod qkd;
-pub mod ratelimit;
 mod server;
 pub mod token;
 mod ui;
@@ -121,6 +121,9 @@ pub struct WebDeps {
     pub peers: Vec<PeerSae>,
     /// Wakes IMAP sessions after local deliveries, if IMAP runs.
     pub on_delivery: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Failed logins, counted with IMAP's, POP3's and SMTP AUTH's (one guessing run, one
+    /// count, whichever protocol it uses).
+    pub login_throttle: Arc<qutemail_store::LoginThrottle>,
 }
 
 impl std::fmt::Debug for WebDeps {
@@ -149,7 +152,6 @@ pub enum WebError {
 pub(crate) struct AppState {
     pub(crate) deps: WebDeps,
     pub(crate) config: WebConfig,
-    pub(crate) limiter: ratelimit::LoginLimiter,
     pub(crate) monitor: metrics::LinkMonitor,
     pub(crate) admins: Vec<String>,
 }

@@ -17,72 +17,9 @@ const HISTORY_SAMPLES: usize = 3600 / 5;
 /// Largest metrics page read.
 const MAX_PAGE: usize = 4 * 1024 * 1024;
 
-/// One sample of the exposition: name, labels, value.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    /// Metric name.
-    pub name: String,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
-    /// Value.
-    pub value: f64,
-}
-
+pub use qutemail_promtext::Sample;
 /// Parses Prometheus text exposition (0.0.4); lines that do not parse are skipped.
-pub fn parse_exposition(text: &str) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (name, labels, rest) = match line.find('{') {
-            Some(open) => {
-                let Some(close) = line[open..].find('}').map(|c| open + c) else { continue };
-                (&line[..open], parse_labels(&line[open + 1..close]), &line[close + 1..])
-            }
-            None => match line.split_once(char::is_whitespace) {
-                Some((n, r)) => (n, BTreeMap::new(), r),
-                None => continue,
-            },
-        };
-        let Some(value) = rest.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) else {
-            continue;
-        };
-        out.push(Sample { name: name.to_owned(), labels, value });
-    }
-    out
-}
-
-fn parse_labels(text: &str) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::new();
-    let mut rest = text;
-    while let Some(eq) = rest.find('=') {
-        let key = rest[..eq].trim().trim_start_matches(',').trim().to_owned();
-        let after = &rest[eq + 1..];
-        let Some(after) = after.strip_prefix('"') else { break };
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let mut end = after.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => match chars.next() {
-                    Some((_, 'n')) => value.push('\n'),
-                    Some((_, other)) => value.push(other),
-                    None => {}
-                },
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                c => value.push(c),
-            }
-        }
-        labels.insert(key, value);
-        rest = &after[end.min(after.len())..];
-    }
-    labels
-}
+pub use qutemail_promtext::parse as parse_exposition;
 
 /// A QKD link as the console shows it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -133,33 +70,29 @@ pub struct SaePair {
     pub keys_delivered: f64,
 }
 
-fn label<'a>(s: &'a Sample, name: &str) -> &'a str {
-    s.labels.get(name).map_or("", String::as_str)
-}
-
 fn value_of(samples: &[Sample], name: &str, link: &str) -> Option<f64> {
-    samples.iter().find(|s| s.name == name && label(s, "link") == link).map(|s| s.value)
+    samples.iter().find(|s| s.name == name && s.label("link") == link).map(|s| s.value)
 }
 
 fn state_of(samples: &[Sample], name: &str, link: &str) -> String {
     samples
         .iter()
-        .find(|s| s.name == name && label(s, "link") == link && s.value >= 1.0)
-        .map_or_else(|| "unknown".to_owned(), |s| label(s, "state").to_owned())
+        .find(|s| s.name == name && s.label("link") == link && s.value >= 1.0)
+        .map_or_else(|| "unknown".to_owned(), |s| s.label("state").to_owned())
 }
 
 /// The links in a set of samples.
 pub fn links_of(samples: &[Sample]) -> Vec<LinkView> {
     let mut ids: Vec<&str> =
-        samples.iter().filter(|s| s.name == "kmd_keys_available").map(|s| label(s, "link")).collect();
+        samples.iter().filter(|s| s.name == "kmd_keys_available").map(|s| s.label("link")).collect();
     ids.sort_unstable();
     ids.dedup();
     ids.into_iter()
         .map(|link| {
             let alarms = samples
                 .iter()
-                .filter(|s| s.name == "kmd_device_alarms_total" && label(s, "link") == link && s.value > 0.0)
-                .map(|s| format!("{}: {}", label(s, "severity"), s.value))
+                .filter(|s| s.name == "kmd_device_alarms_total" && s.label("link") == link && s.value > 0.0)
+                .map(|s| format!("{}: {}", s.label("severity"), s.value))
                 .collect();
             LinkView {
                 link_id: link.to_owned(),
@@ -184,11 +117,8 @@ pub fn saes_of(samples: &[Sample]) -> Vec<SaePair> {
             "kmd_keys_delivered" => 1,
             _ => continue,
         };
-        let key = (
-            label(s, "link").to_owned(),
-            label(s, "master_sae").to_owned(),
-            label(s, "slave_sae").to_owned(),
-        );
+        let key =
+            (s.label("link").to_owned(), s.label("master_sae").to_owned(), s.label("slave_sae").to_owned());
         let e = pairs.entry(key).or_default();
         if slot == 0 { e.0 += s.value } else { e.1 += s.value }
     }
@@ -286,9 +216,9 @@ impl LinkMonitor {
     }
 }
 
-/// GET over plain HTTP/1.0 (kmd's metrics listener is plain HTTP on the loopback or a
-/// management network).
-async fn fetch(url: &str) -> Result<String, String> {
+/// Fetches kmd's metrics page at `url` with a GET over plain HTTP/1.0 (kmd's metrics listener
+/// is plain HTTP on the loopback or a management network); the error says what went wrong.
+pub async fn fetch(url: &str) -> Result<String, String> {
     let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: only http:// is supported"))?;
     let (authority, path) =
         rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));

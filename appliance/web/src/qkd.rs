@@ -68,7 +68,13 @@ pub(crate) async fn request_key(
             ),
         }));
     };
-    let fallback = if state.deps.policy.allow_pqc_fallback { Protection::Pqc } else { chosen };
+    let rule = state.deps.policy.keys_exhausted_for(&peer.domain);
+    let fallback = if rule == qutemail_vault::KeysExhausted::Pqc { Protection::Pqc } else { chosen };
+    let without_keys = match rule {
+        qutemail_vault::KeysExhausted::Defer => "a message waits in the queue until keys return",
+        qutemail_vault::KeysExhausted::Pqc => "a message goes sealed with ML-KEM-768 alone (pqc)",
+        qutemail_vault::KeysExhausted::Refuse => "a message is refused and returned to its sender",
+    };
     match kmd.status(&peer.sae_id).await {
         Ok(status) => {
             let ready = status.stored_key_count > 0;
@@ -87,7 +93,8 @@ pub(crate) async fn request_key(
                 key_size: status.key_size,
                 ready,
                 mode_if_sent_now: if ready { chosen } else { fallback }.as_str().into(),
-                detail: (!ready).then(|| "kmd holds no keys for this peer right now".to_owned()),
+                detail: (!ready)
+                    .then(|| format!("kmd holds no keys for this peer right now: {without_keys}")),
             }))
         }
         Err(e) => {
@@ -100,7 +107,7 @@ pub(crate) async fn request_key(
                 key_size: 0,
                 ready: false,
                 mode_if_sent_now: fallback.as_str().into(),
-                detail: Some("the site's key management service did not answer".into()),
+                detail: Some(format!("the site's key management service did not answer: {without_keys}")),
             }))
         }
     }

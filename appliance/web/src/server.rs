@@ -166,13 +166,7 @@ impl WebServer {
         }
         let mut tls = (*tls).clone();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let state = Arc::new(AppState {
-            deps,
-            config,
-            limiter: Default::default(),
-            monitor: metrics::LinkMonitor::default(),
-            admins,
-        });
+        let state = Arc::new(AppState { deps, config, monitor: metrics::LinkMonitor::default(), admins });
         Ok(WebServer { listener, acceptor: TlsAcceptor::from(Arc::new(tls)), state })
     }
 

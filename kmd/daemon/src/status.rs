@@ -6,16 +6,8 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-/// One sample of the exposition: family name, labels, value.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Sample {
-    /// Metric name (with `_total`, `_bucket` etc. suffixes as exposed).
-    pub name: String,
-    /// Labels, by name.
-    pub labels: BTreeMap<String, String>,
-    /// Value.
-    pub value: f64,
-}
+pub use qutemail_promtext::{Sample, parse};
+use qutemail_promtext::{find, value};
 
 /// Fetching or reading the metrics failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,77 +68,10 @@ fn dechunk(body: &str) -> String {
     out
 }
 
-/// Parses the Prometheus text exposition (comments skipped; malformed lines ignored).
-pub fn parse(text: &str) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (name_labels, value) = match line.rfind('}') {
-            Some(close) => (&line[..=close], line[close + 1..].trim()),
-            None => match line.split_once(' ') {
-                Some((n, v)) => (n, v.trim()),
-                None => continue,
-            },
-        };
-        let value = value.split_whitespace().next().and_then(|v| v.parse::<f64>().ok());
-        let Some(value) = value else { continue };
-        let (name, labels) = match name_labels.split_once('{') {
-            Some((n, l)) => (n.to_owned(), parse_labels(l.trim_end_matches('}'))),
-            None => (name_labels.to_owned(), BTreeMap::new()),
-        };
-        out.push(Sample { name, labels, value });
-    }
-    out
-}
-
-fn parse_labels(text: &str) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::new();
-    let mut rest = text;
-    while let Some((name, tail)) = rest.split_once("=\"") {
-        let mut value = String::new();
-        let mut chars = tail.char_indices();
-        let mut end = tail.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some((_, e)) = chars.next() {
-                        value.push(if e == 'n' { '\n' } else { e });
-                    }
-                }
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                c => value.push(c),
-            }
-        }
-        labels.insert(name.trim().trim_start_matches(',').trim().to_owned(), value);
-        rest = &tail[end.min(tail.len())..];
-    }
-    labels
-}
-
-fn find<'a>(samples: &'a [Sample], name: &str) -> impl Iterator<Item = &'a Sample> {
-    samples.iter().filter(move |s| s.name == name)
-}
-
-fn value(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> Option<f64> {
-    find(samples, name)
-        .find(|s| want.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
-        .map(|s| s.value)
-}
-
-fn label<'a>(s: &'a Sample, name: &str) -> &'a str {
-    s.labels.get(name).map_or("", String::as_str)
-}
-
 /// The human summary `kmd status` prints.
 pub fn render(samples: &[Sample]) -> String {
     let mut out = String::new();
-    let version = find(samples, "kmd_build_info").next().map_or("?", |s| label(s, "version"));
+    let version = find(samples, "kmd_build_info").next().map_or("?", |s| s.label("version"));
     out.push_str(&format!("kmd {version}\n"));
     let hsm = match value(samples, "kmd_hsm_healthy", &[]) {
         Some(v) if v >= 1.0 => "healthy",
@@ -155,17 +80,17 @@ pub fn render(samples: &[Sample]) -> String {
     };
     out.push_str(&format!("HSM: {hsm}\n"));
 
-    let mut links: Vec<&str> = find(samples, "kmd_keys_available").map(|s| label(s, "link")).collect();
+    let mut links: Vec<&str> = find(samples, "kmd_keys_available").map(|s| s.label("link")).collect();
     links.sort_unstable();
     links.dedup();
     out.push_str(&format!("\nLinks ({}):\n", links.len()));
     for link in &links {
         let state = find(samples, "kmd_device_link_state")
-            .find(|s| label(s, "link") == *link && s.value >= 1.0)
-            .map_or("unknown", |s| label(s, "state"));
+            .find(|s| s.label("link") == *link && s.value >= 1.0)
+            .map_or("unknown", |s| s.label("state"));
         let peer = find(samples, "kmd_peer_sync_state")
-            .find(|s| label(s, "link") == *link && s.value >= 1.0)
-            .map_or("unknown", |s| label(s, "state"));
+            .find(|s| s.label("link") == *link && s.value >= 1.0)
+            .map_or("unknown", |s| s.label("state"));
         let qber = value(samples, "kmd_link_qber_ratio", &[("link", link)])
             .map_or("-".to_owned(), |q| format!("{:.2} %", q * 100.0));
         let rate = value(samples, "kmd_link_secret_key_rate_bytes_per_second", &[("link", link)])
@@ -175,13 +100,13 @@ pub fn render(samples: &[Sample]) -> String {
             "  {link}: device {state}, peer {peer}, QBER {qber}, secret key rate {rate}, {available:.0} keys available\n"
         ));
         let mut blocks: Vec<String> = find(samples, "kmd_key_blocks")
-            .filter(|s| label(s, "link") == *link && s.value > 0.0)
-            .map(|s| format!("{} {}", s.value, label(s, "state")))
+            .filter(|s| s.label("link") == *link && s.value > 0.0)
+            .map(|s| format!("{} {}", s.value, s.label("state")))
             .collect();
         blocks.sort();
         let received = value(samples, "kmd_key_blocks_received_total", &[("link", link)]).unwrap_or(0.0);
         let rejected: f64 = find(samples, "kmd_key_blocks_rejected_total")
-            .filter(|s| label(s, "link") == *link)
+            .filter(|s| s.label("link") == *link)
             .fold(0.0, |sum, s| sum + s.value);
         out.push_str(&format!(
             "    blocks: {}; received {received}, rejected {rejected}\n",
@@ -193,9 +118,9 @@ pub fn render(samples: &[Sample]) -> String {
     for (name, slot) in [("kmd_keys_assigned", 0), ("kmd_keys_delivered", 1)] {
         for s in find(samples, name) {
             let key = (
-                label(s, "link").to_owned(),
-                label(s, "master_sae").to_owned(),
-                label(s, "slave_sae").to_owned(),
+                s.label("link").to_owned(),
+                s.label("master_sae").to_owned(),
+                s.label("slave_sae").to_owned(),
             );
             let e = pairs.entry(key).or_default();
             if slot == 0 { e.0 += s.value } else { e.1 += s.value }
@@ -208,9 +133,9 @@ pub fn render(samples: &[Sample]) -> String {
 
     let mut requests: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for s in find(samples, "kmd_etsi014_requests_total") {
-        requests.entry(label(s, "endpoint").to_owned()).or_default().push(format!(
+        requests.entry(s.label("endpoint").to_owned()).or_default().push(format!(
             "{} × {}",
-            label(s, "status"),
+            s.label("status"),
             s.value
         ));
     }

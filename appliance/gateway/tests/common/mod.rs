@@ -1,6 +1,6 @@
 //! What the gateway's integration tests share: a site on disk (SoftHSM token, TLS from a test
-//! CA, the config's site/HSM/store/TLS tables), the `qutemail` commands an operator runs, and
-//! a running `qutemail serve` with the addresses its `READY` line names.
+//! CA, the config's site/HSM/store/TLS tables), the `qutemail` and `qutemailctl` commands an
+//! operator runs, and a running `qutemail serve` with the addresses its `READY` line names.
 
 // Each test binary uses its own subset.
 #![allow(dead_code)]
@@ -66,26 +66,57 @@ pub fn write_tls(dir: &Path, ca_name: &str, names: &[&str]) {
 
 /// Runs `qutemail ARGS[0] --config CONFIG ARGS[1..]` with `stdin` as its input.
 pub fn qutemail(args: &[&str], config: &Path, stdin: Option<&str>) -> std::process::Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qutemail"))
-        .arg(args[0])
-        .arg("--config")
-        .arg(config)
-        .args(&args[1..])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_qutemail"));
+    command.arg(args[0]).arg("--config").arg(config).args(&args[1..]);
+    run(command, stdin)
+}
+
+/// Runs `qutemailctl --config CONFIG ARGS...` with `stdin` as its input.
+pub fn qutemailctl(args: &[&str], config: &Path, stdin: Option<&str>) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_qutemailctl"));
+    command.arg("--config").arg(config).args(args);
+    run(command, stdin)
+}
+
+fn run(mut command: Command, stdin: Option<&str>) -> std::process::Output {
+    let mut child =
+        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     if let Some(text) = stdin {
         child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     }
     child.wait_with_output().unwrap()
 }
 
-/// `qutemail account add USER` with `password` on standard input, as an operator does.
+/// An MX and a submission listener on ephemeral loopback ports. Sender authentication of
+/// internet mail is off: these tests have no DNS (mail_auth.rs tests the checks).
+pub const LOOPBACK_SMTP: &str = r#"
+[smtp]
+hostname = "mail.a.test"
+mx_listen = "127.0.0.1:0"
+submission_listen = "127.0.0.1:0"
+
+[mail_auth]
+check = false
+"#;
+
+/// The outbound queue through the smarthost `relay`, retrying once an hour: a message that
+/// could not go stays queued for the test to look at.
+pub fn smarthost_queue(relay: &str) -> String {
+    format!(
+        r#"
+[queue]
+smarthost = "{relay}"
+
+[queue.retry]
+delays_s = [3600]
+"#
+    )
+}
+
+/// `qutemailctl users add USER` with `password` on standard input, as an operator does.
 pub fn add_account(config: &Path, user: &str, password: &str) {
-    let out = qutemail(&["account", "add", user], config, Some(&format!("{password}\n")));
-    assert!(out.status.success(), "account add {user}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = qutemailctl(&["users", "add", user], config, Some(&format!("{password}\n")));
+    assert!(out.status.success(), "users add {user}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Starts `qutemail serve` and waits for its `READY` line; its log goes to `log`.

@@ -130,7 +130,7 @@ pub enum QueueOutcome {
     },
 }
 
-/// One line of the queue listing (what `qutemail queue list` shows).
+/// One line of the queue listing (what `qutemailctl queue list` shows).
 #[derive(Debug, Clone)]
 pub struct QueueListing {
     /// Queue ID.
@@ -260,37 +260,12 @@ impl Store {
                 .db(self.b())?;
             let message_id: i64 = row.try_get("message_id").map_err(d)?;
             let domain: String = row.try_get("domain").map_err(d)?;
-            let recipient = QueuedRecipient {
-                id: rid,
-                address: row.try_get("address").map_err(d)?,
-                notify: row.try_get("notify").map_err(d)?,
-                orcpt: row.try_get("orcpt").map_err(d)?,
-                attempts: u32::try_from(row.try_get::<i64, _>("attempts").map_err(d)?).unwrap_or(u32::MAX),
-                warned: row.try_get::<i64, _>("warned").map_err(d)? != 0,
-            };
+            let recipient = self.queued_recipient_of(row, rid)?;
             if let Some(group) = out.iter_mut().find(|g| g.message.id == message_id && g.domain == domain) {
                 group.recipients.push(recipient);
                 continue;
             }
-            let key_ids: String = row.try_get("key_ids").map_err(d)?;
-            let blob_id: String = row.try_get("blob_id").map_err(d)?;
-            let message = QueuedMessage {
-                id: message_id,
-                queue_id: row.try_get("queue_id").map_err(d)?,
-                sender: row.try_get("sender").map_err(d)?,
-                envid: row.try_get("envid").map_err(d)?,
-                ret_full: row.try_get::<i64, _>("ret_full").map_err(d)? != 0,
-                requested: row.try_get("requested").map_err(d)?,
-                size: u64_of(row.try_get("size").map_err(d)?, "queued size")?,
-                blob_id: BlobId::parse(&blob_id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                protection: Protection {
-                    kind: row.try_get("protection").map_err(d)?,
-                    wrapped_key: row.try_get("wrapped_key").map_err(d)?,
-                    key_ids: key_ids.split('\n').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
-                    certificate: row.try_get("certificate").map_err(d)?,
-                },
-                created_at: time_of(row.try_get("created_at").map_err(d)?),
-            };
+            let message = self.queued_message_of(row, message_id)?;
             out.push(QueuedDelivery { message, domain, recipients: vec![recipient] });
         }
         self.commit(tx).await?;
@@ -368,6 +343,143 @@ impl Store {
         self.commit(tx).await?;
         self.drop_blobs(&done_blobs).await;
         Ok(())
+    }
+
+    /// A queued message and its recipients still waiting for delivery, by queue ID (`None`: no
+    /// such message, e.g. it has left the queue).
+    pub async fn queued_message(
+        &self,
+        queue_id: &str,
+    ) -> Result<Option<(QueuedMessage, Vec<QueuedRecipient>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT m.id AS message_id, m.queue_id, m.sender, m.envid, m.ret_full, m.requested, m.size, \
+             m.blob_id, m.protection, m.wrapped_key, m.key_ids, m.certificate, m.created_at, r.id AS rid, \
+             r.address, r.notify, r.orcpt, r.attempts, r.warned, r.state \
+             FROM queue_messages m LEFT JOIN queue_recipients r ON r.message_id = m.id \
+             WHERE m.queue_id = $1 ORDER BY r.id",
+        )
+        .bind(queue_id)
+        .fetch_all(&self.inner.pool)
+        .await
+        .db(self.b())?;
+        let Some(first) = rows.first() else { return Ok(None) };
+        let d = |e: sqlx::Error| StoreError::Database { backend: self.b().name(), source: e };
+        let message = self.queued_message_of(first, first.try_get("message_id").map_err(d)?)?;
+        let mut waiting = Vec::new();
+        for row in &rows {
+            if row.try_get::<Option<String>, _>("state").map_err(d)?.as_deref() == Some("queued") {
+                waiting.push(self.queued_recipient_of(row, row.try_get("rid").map_err(d)?)?);
+            }
+        }
+        Ok(Some((message, waiting)))
+    }
+
+    /// Makes recipients waiting for a retry due now: those of message `queue_id`, or with `None`
+    /// every waiting recipient (an operator's "flush", e.g. once a link is back). A recipient a
+    /// runner is attempting right now is left alone (its outcome sets its next attempt). Returns
+    /// how many recipients were made due; `Ok(0)` for an unknown queue ID.
+    pub async fn retry_queued_now(&self, queue_id: Option<&str>) -> Result<u64, StoreError> {
+        let now = now_ms();
+        let result = match queue_id {
+            Some(id) => sqlx::query(
+                "UPDATE queue_recipients SET next_attempt_at = $1 WHERE state = 'queued' AND next_attempt_at > $1 \
+                 AND message_id IN (SELECT id FROM queue_messages WHERE queue_id = $2)",
+            )
+            .bind(now)
+            .bind(id)
+            .execute(&self.inner.pool)
+            .await
+            .db(self.b())?,
+            None => sqlx::query(
+                "UPDATE queue_recipients SET next_attempt_at = $1 WHERE state = 'queued' AND next_attempt_at > $1",
+            )
+            .bind(now)
+            .execute(&self.inner.pool)
+            .await
+            .db(self.b())?,
+        };
+        Ok(result.rows_affected())
+    }
+
+    /// Removes message `queue_id` from the queue with its blob, whatever its recipients' state.
+    /// Returns the recipients that were still waiting (whom a bounce should name), or `None`
+    /// when there is no such message. A delivery attempt already under way is not interrupted:
+    /// its outcome finds no row and is dropped.
+    pub async fn delete_queued(&self, queue_id: &str) -> Result<Option<Vec<QueuedRecipient>>, StoreError> {
+        let mut tx = self.write().await?;
+        let d = |e: sqlx::Error| StoreError::Database { backend: self.b().name(), source: e };
+        let Some(row) = sqlx::query("SELECT id, blob_id FROM queue_messages WHERE queue_id = $1")
+            .bind(queue_id)
+            .fetch_optional(&mut **tx)
+            .await
+            .db(self.b())?
+        else {
+            return Ok(None);
+        };
+        let id: i64 = row.try_get("id").map_err(d)?;
+        let blob: String = row.try_get("blob_id").map_err(d)?;
+        let rows = sqlx::query(
+            "SELECT id AS rid, address, notify, orcpt, attempts, warned FROM queue_recipients \
+             WHERE message_id = $1 AND state = 'queued' ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&mut **tx)
+        .await
+        .db(self.b())?;
+        let mut waiting = Vec::new();
+        for row in &rows {
+            waiting.push(self.queued_recipient_of(row, row.try_get("rid").map_err(d)?)?);
+        }
+        sqlx::query("DELETE FROM queue_recipients WHERE message_id = $1")
+            .bind(id)
+            .execute(&mut **tx)
+            .await
+            .db(self.b())?;
+        sqlx::query("DELETE FROM queue_messages WHERE id = $1")
+            .bind(id)
+            .execute(&mut **tx)
+            .await
+            .db(self.b())?;
+        self.commit(tx).await?;
+        if let Ok(b) = BlobId::parse(&blob) {
+            self.drop_blobs(&[b]).await;
+        }
+        Ok(Some(waiting))
+    }
+
+    fn queued_message_of(&self, row: &sqlx::any::AnyRow, id: i64) -> Result<QueuedMessage, StoreError> {
+        let d = |e: sqlx::Error| StoreError::Database { backend: self.b().name(), source: e };
+        let key_ids: String = row.try_get("key_ids").map_err(d)?;
+        let blob_id: String = row.try_get("blob_id").map_err(d)?;
+        Ok(QueuedMessage {
+            id,
+            queue_id: row.try_get("queue_id").map_err(d)?,
+            sender: row.try_get("sender").map_err(d)?,
+            envid: row.try_get("envid").map_err(d)?,
+            ret_full: row.try_get::<i64, _>("ret_full").map_err(d)? != 0,
+            requested: row.try_get("requested").map_err(d)?,
+            size: u64_of(row.try_get("size").map_err(d)?, "queued size")?,
+            blob_id: BlobId::parse(&blob_id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            protection: Protection {
+                kind: row.try_get("protection").map_err(d)?,
+                wrapped_key: row.try_get("wrapped_key").map_err(d)?,
+                key_ids: key_ids.split('\n').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+                certificate: row.try_get("certificate").map_err(d)?,
+            },
+            created_at: time_of(row.try_get("created_at").map_err(d)?),
+        })
+    }
+
+    fn queued_recipient_of(&self, row: &sqlx::any::AnyRow, id: i64) -> Result<QueuedRecipient, StoreError> {
+        let d = |e: sqlx::Error| StoreError::Database { backend: self.b().name(), source: e };
+        Ok(QueuedRecipient {
+            id,
+            address: row.try_get("address").map_err(d)?,
+            notify: row.try_get("notify").map_err(d)?,
+            orcpt: row.try_get("orcpt").map_err(d)?,
+            attempts: u32::try_from(row.try_get::<i64, _>("attempts").map_err(d)?).unwrap_or(u32::MAX),
+            warned: row.try_get::<i64, _>("warned").map_err(d)? != 0,
+        })
     }
 
     /// Everything in the queue, oldest first (for operators).

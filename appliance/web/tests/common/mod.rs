@@ -102,6 +102,16 @@ impl Site {
             kmd: Some(Arc::new(etsi)),
             peers: vec![PeerSae { domain: PEER.into(), sae_id: "B-mail".into() }],
             on_delivery: None,
+            // The production counting with short waits, so the tests reach each stage quickly.
+            login_throttle: Arc::new(qutemail_store::LoginThrottle::new(
+                qutemail_store::LoginThrottleSettings {
+                    free_failures: 3,
+                    first_delay: std::time::Duration::from_millis(100),
+                    max_delay: std::time::Duration::from_secs(2),
+                    refuse_address_after: 8,
+                    forget_after: std::time::Duration::from_secs(900),
+                },
+            )),
         };
         for (user, name) in [("alice", "Alice"), ("bob", "Bob")] {
             t.store

@@ -2,7 +2,8 @@
 # (A program for the target only: no native or SDK variant, so no BBCLASSEXTEND.)
 SUMMARY = "QuteMail mail gateway: SMTP, IMAP, POP3, webmail with QKD keys"
 DESCRIPTION = "The gateway accepts and delivers mail (SMTP, submission), serves it over IMAP, \
-               POP3 and the web, seals mail between sites with QKD and ML-KEM keys and keeps it encrypted at rest."
+               POP3 and the web, seals mail between sites with QKD and ML-KEM keys and keeps it encrypted at rest. \
+               qutemailctl is its operator's tool."
 SECTION = "net"
 
 require recipes-qutemail/qutemail-common/qutemail-source.inc
@@ -30,6 +31,10 @@ SYSTEMD_SERVICE:${PN} = "qutemail-gateway.service \
 SYSTEMD_AUTO_ENABLE:${PN} = "enable"
 
 do_install:append() {
+    # cargo_do_install installs every binary of the crate: the daemon (qutemail) and the
+    # operator's tool (qutemailctl: users, queue, links, certificates, DNS records). Both ship.
+    test -x ${D}${bindir}/qutemail
+    test -x ${D}${bindir}/qutemailctl
     install -d ${D}${systemd_system_unitdir}
     install -m 0644 ${S}/image/systemd/qutemail-gateway.service ${D}${systemd_system_unitdir}/
     for s in ${GATEWAY_SOCKETS}; do
