@@ -204,6 +204,10 @@ async fn operators_retry_and_delete_queued_messages(t: TestStore) {
         due.iter().flat_map(|d| &d.recipients).map(|r| r.address.as_str()).collect();
     addresses.sort_unstable();
     assert_eq!(addresses, ["carol@b.example", "dave@c.example"]);
+    // While their attempts are under way, "retry now" leaves them to their runner: no second
+    // runner may take them.
+    assert_eq!(s.retry_queued_now(None).await.unwrap(), 0, "in-flight recipients made due again");
+    assert!(s.claim_due(SystemTime::now(), Duration::from_secs(60), 100).await.unwrap().is_empty());
 
     // Delete the first message while its recipient is leased: it leaves with its blob, the
     // waiting recipient is returned, and the late outcome of the attempt changes nothing.

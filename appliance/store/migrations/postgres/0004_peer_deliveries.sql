@@ -7,3 +7,5 @@ CREATE TABLE peer_deliveries (
     PRIMARY KEY (account_id, delivery)
 );
 CREATE INDEX peer_deliveries_age ON peer_deliveries (received_at);
+-- Until when a runner holds a queued recipient (see the SQLite migration). 0: not held.
+ALTER TABLE queue_recipients ADD COLUMN claimed_until BIGINT NOT NULL DEFAULT 0;

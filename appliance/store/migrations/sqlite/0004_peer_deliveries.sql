@@ -12,3 +12,6 @@ CREATE TABLE peer_deliveries (
     PRIMARY KEY (account_id, delivery)
 );
 CREATE INDEX peer_deliveries_age ON peer_deliveries (received_at);
+-- Until when a runner holds a queued recipient (its delivery attempt is under way): an
+-- operator's "retry now" must not hand it to a second runner meanwhile. 0: not held.
+ALTER TABLE queue_recipients ADD COLUMN claimed_until INTEGER NOT NULL DEFAULT 0;

@@ -252,7 +252,7 @@ impl Store {
         for row in &rows {
             let d = |e: sqlx::Error| StoreError::Database { backend: self.b().name(), source: e };
             let rid: i64 = row.try_get("id").map_err(d)?;
-            sqlx::query("UPDATE queue_recipients SET next_attempt_at = $1 WHERE id = $2")
+            sqlx::query("UPDATE queue_recipients SET next_attempt_at = $1, claimed_until = $1 WHERE id = $2")
                 .bind(until)
                 .bind(rid)
                 .execute(&mut **tx)
@@ -298,7 +298,7 @@ impl Store {
             let row = sqlx::query(
                 "UPDATE queue_recipients SET state = $1, next_attempt_at = $2, last_status = $3, last_reply = $4, \
                  remote = $5, attempts = attempts + 1, warned = CASE WHEN $6 < 0 THEN warned ELSE $6 END, \
-                 changed_at = $7 WHERE id = $8 AND state = 'queued' RETURNING message_id",
+                 changed_at = $7, claimed_until = 0 WHERE id = $8 AND state = 'queued' RETURNING message_id",
             )
             .bind(state)
             .bind(next)
@@ -383,7 +383,7 @@ impl Store {
         let result = match queue_id {
             Some(id) => sqlx::query(
                 "UPDATE queue_recipients SET next_attempt_at = $1 WHERE state = 'queued' AND next_attempt_at > $1 \
-                 AND message_id IN (SELECT id FROM queue_messages WHERE queue_id = $2)",
+                 AND claimed_until <= $1 AND message_id IN (SELECT id FROM queue_messages WHERE queue_id = $2)",
             )
             .bind(now)
             .bind(id)
@@ -391,7 +391,8 @@ impl Store {
             .await
             .db(self.b())?,
             None => sqlx::query(
-                "UPDATE queue_recipients SET next_attempt_at = $1 WHERE state = 'queued' AND next_attempt_at > $1",
+                "UPDATE queue_recipients SET next_attempt_at = $1 WHERE state = 'queued' AND next_attempt_at > $1 \
+                 AND claimed_until <= $1",
             )
             .bind(now)
             .execute(&self.inner.pool)
