@@ -54,37 +54,34 @@ pub struct GatewayConfig {
 }
 
 /// `[login_throttle]`: one count of failed logins for IMAP, POP3 and SMTP AUTH, per account
-/// and per client address (IPv6 per /64). Delays rather than locks out an account.
+/// and per client address (IPv6 per /64). Delays rather than locks out an account. A key left
+/// out keeps the production value ([`qutemail_store::LoginThrottleSettings::default`]).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct LoginThrottleSection {
     /// Failed logins that cost nothing (typos); default 3.
-    #[serde(default = "default_free_failures")]
     pub free_failures: u32,
     /// The wait after the first failure beyond the free ones, doubling after each further one;
     /// default 1000 ms.
-    #[serde(default = "default_first_delay_ms")]
     pub first_delay_ms: u64,
     /// The longest wait; default 30 s.
-    #[serde(default = "default_max_delay_s")]
     pub max_delay_s: u64,
     /// Failed logins from one address after which its logins are refused (also with the right
     /// password) until they are forgotten; default 50.
-    #[serde(default = "default_refuse_address_after")]
     pub refuse_address_after: u32,
     /// Seconds after its last failure that a count is forgotten; default 900.
-    #[serde(default = "default_forget_after_s")]
     pub forget_after_s: u64,
 }
 
 impl Default for LoginThrottleSection {
     fn default() -> Self {
+        let d = qutemail_store::LoginThrottleSettings::default();
         Self {
-            free_failures: default_free_failures(),
-            first_delay_ms: default_first_delay_ms(),
-            max_delay_s: default_max_delay_s(),
-            refuse_address_after: default_refuse_address_after(),
-            forget_after_s: default_forget_after_s(),
+            free_failures: d.free_failures,
+            first_delay_ms: u64::try_from(d.first_delay.as_millis()).unwrap_or(u64::MAX),
+            max_delay_s: d.max_delay.as_secs(),
+            refuse_address_after: d.refuse_address_after,
+            forget_after_s: d.forget_after.as_secs(),
         }
     }
 }
@@ -100,26 +97,6 @@ impl LoginThrottleSection {
             forget_after: std::time::Duration::from_secs(self.forget_after_s),
         }
     }
-}
-
-fn default_free_failures() -> u32 {
-    qutemail_store::LoginThrottleSettings::default().free_failures
-}
-
-fn default_first_delay_ms() -> u64 {
-    qutemail_store::LoginThrottleSettings::default().first_delay.as_millis() as u64
-}
-
-fn default_max_delay_s() -> u64 {
-    qutemail_store::LoginThrottleSettings::default().max_delay.as_secs()
-}
-
-fn default_refuse_address_after() -> u32 {
-    qutemail_store::LoginThrottleSettings::default().refuse_address_after
-}
-
-fn default_forget_after_s() -> u64 {
-    qutemail_store::LoginThrottleSettings::default().forget_after.as_secs()
 }
 
 /// `[metrics]`.

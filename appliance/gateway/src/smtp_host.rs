@@ -186,16 +186,19 @@ impl SiteMailHost {
                 Refusal::new(451, EnhancedCode::new(4, 3, 0), "cannot store the message now; try again later")
             })?;
         }
+        if let Some(i) = &inbound
+            && repeats > 0
+        {
+            self.metrics.peer_repeated_delivery(&i.sender_domain, repeats);
+        }
+        if repeats == recipients.len() as u64 {
+            // Only repeats (of a peer's sealed delivery): nothing new was stored.
+            return Ok(());
+        }
         if let Some(e) = &self.events {
             e.mailbox_changed();
         }
         if let Some(i) = &inbound {
-            if repeats > 0 {
-                self.metrics.peer_repeated_delivery(&i.sender_domain, repeats);
-            }
-            if repeats == recipients.len() as u64 {
-                return Ok(());
-            }
             tracing::info!(from = %i.sender_domain, protection = %i.stored.protection, recipients = recipients.len(),
                 "quantum-secured message delivered");
         }

@@ -201,14 +201,17 @@ fn without_keys_and_blob_ids(dump: &StoreDump) -> StoreDump {
     d
 }
 
+/// A loopback address nobody listens on: the smarthost, so mail for other domains waits in the
+/// queue (and is backed up with it).
+fn unused_address() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
 #[test]
 fn a_backup_taken_while_serving_restores_on_a_fresh_site_with_a_new_hsm_token() {
     let scratch = tempfile::tempdir().unwrap();
-    let relay = {
-        // Nobody listens here: mail for other domains waits in the queue (and is backed up).
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    let relay = unused_address();
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     let canary = format!("CANARY-{}-{nanos}", std::process::id());
 
@@ -374,10 +377,7 @@ fn a_backup_taken_while_serving_restores_on_a_fresh_site_with_a_new_hsm_token() 
 #[test]
 fn a_postgresql_site_backs_up_while_serving_and_restores_onto_sqlite() {
     let scratch = tempfile::tempdir().unwrap();
-    let relay = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    let relay = unused_address();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let database = runtime.block_on(qutemail_store::testing::postgres().create_database());
     let one = Site::new(&scratch.path().join("pg-site"), &relay, Some(&database.url));

@@ -43,7 +43,6 @@ pub use routing::routing_headers;
 pub use site_keys::{SiteCard, SiteKeys, write_private_atomically};
 pub use vault::{
     Inbound, MailVault, Opened, Outbound, SealOrder, StoredKind, StoredProtection, VaultSettings,
-    peer_delivery_id,
 };
 
 /// What went wrong protecting or opening a message.

@@ -56,17 +56,6 @@ pub enum KeysExhausted {
     Refuse,
 }
 
-impl KeysExhausted {
-    /// The name used in configuration.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeysExhausted::Defer => "defer",
-            KeysExhausted::Pqc => "pqc",
-            KeysExhausted::Refuse => "refuse",
-        }
-    }
-}
-
 /// The site's rules for choosing a protection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

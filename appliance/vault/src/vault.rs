@@ -107,7 +107,7 @@ pub struct Inbound {
     pub certificate: CertificateCheck,
     /// The sending site's domain.
     pub sender_domain: String,
-    /// Names this delivery so a repeat of it is stored once (see [`peer_delivery_id`]); `None`
+    /// Names this delivery so a repeat of it is stored once (SHA-256 of the sender domain and the bound Message-ID); `None`
     /// when the envelope carries no Message-ID.
     pub delivery: Option<qutemail_store::PeerDeliveryId>,
 }
@@ -116,7 +116,7 @@ pub struct Inbound {
 /// bound `Message-ID`. The sender takes fresh QKD keys at every attempt, so nothing else in a
 /// repeated delivery is the same; the Message-ID is bound to the ciphertext and the certificate,
 /// and the domain is the peer whose keys opened it, so no other site can claim the id.
-pub fn peer_delivery_id(sender_domain: &str, message_id: &str) -> qutemail_store::PeerDeliveryId {
+fn peer_delivery_id(sender_domain: &str, message_id: &str) -> qutemail_store::PeerDeliveryId {
     use sha2::Digest as _;
     let mut h = sha2::Sha256::new();
     h.update(b"QuteMail-Peer-Delivery/1\0");
