@@ -165,3 +165,27 @@ pub fn files_containing(dirs: &[&Path], needles: &[&[u8]]) -> Vec<(PathBuf, Stri
     }
     hits
 }
+
+/// Whether the file's bytes contain `needle` anywhere: read in chunks, so a whole disk image
+/// can be scanned (a sparse one reads its holes as zeros).
+pub fn file_contains(path: &Path, needle: &[u8]) -> bool {
+    use std::io::Read as _;
+    assert!(!needle.is_empty());
+    let mut file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut window = Vec::with_capacity((16 << 20) + needle.len());
+    let mut chunk = vec![0u8; 16 << 20];
+    loop {
+        let n = file.read(&mut chunk).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if n == 0 {
+            return false;
+        }
+        window.extend_from_slice(&chunk[..n]);
+        if window.windows(needle.len()).any(|w| w[0] == needle[0] && w == needle) {
+            return true;
+        }
+        // Keep the tail a match could start in.
+        let keep = needle.len() - 1;
+        let cut = window.len().saturating_sub(keep);
+        window.drain(..cut);
+    }
+}

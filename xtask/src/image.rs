@@ -22,7 +22,10 @@
 //! the appliance) and `qkd-sim`'s device on the guest's second UART. It checks on the console that
 //! the kernel came up under UEFI with the loader entry's command line, then over forwarded ports
 //! what an operator would: kmd answers ETSI GS QKD 014 status and its device link is up, the
-//! gateway's socket unit answers SMTP on port 25, the web UI loads.
+//! gateway's socket unit answers SMTP on port 25, the web UI loads. Given a `qutemailctl backup`
+//! archive (`--restore`), the drop carries it as an operator moving a site to a new appliance
+//! would, first boot restores it into the fresh HSM token and store, and `--imap-user` reads that
+//! account's INBOX back over IMAPS from the booted appliance.
 //!
 //! Debootstrap's downloads and the installed base system are cached under
 //! `$CARGO_TARGET_DIR/image/cache/`, keyed by the package list, so a rebuild takes a minute.
@@ -129,7 +132,36 @@ pub enum ImageCommand {
         /// passed on this machine.
         #[arg(long)]
         if_changed: bool,
+        /// With --if-changed: only decide whether the boot test is due, write the report (status
+        /// `skipped` or `due`) and stop, so a caller prepares a backup only when it will be used.
+        #[arg(long, requires = "if_changed")]
+        plan: bool,
+        #[command(flatten)]
+        site: BootSite,
     },
+}
+
+/// What the boot test's provisioning drop gives first boot, and what it reads back afterwards.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BootSite {
+    /// The site's mail domain in the drop's provision.conf (a restored backup must be of this
+    /// domain).
+    #[arg(long, value_name = "DOMAIN", default_value = TEST_DOMAIN)]
+    site_domain: String,
+    /// A `qutemailctl backup` archive that first boot restores (put on the drop as restore.qmb,
+    /// as an operator moving a site to a new appliance does).
+    #[arg(long, value_name = "FILE", requires = "restore_passphrase_file")]
+    restore: Option<PathBuf>,
+    /// The archive's passphrase (first line of FILE; put on the drop as restore-passphrase).
+    #[arg(long, value_name = "FILE", requires = "restore")]
+    restore_passphrase_file: Option<PathBuf>,
+    /// After the other checks, read this account's INBOX over IMAPS (port 993, curl) and put
+    /// every message in the report.
+    #[arg(long, value_name = "ADDRESS", requires = "imap_password_file")]
+    imap_user: Option<String>,
+    /// The IMAP account's password (first line of FILE).
+    #[arg(long, value_name = "FILE", requires = "imap_user")]
+    imap_password_file: Option<PathBuf>,
 }
 
 pub fn run(command: ImageCommand) -> anyhow::Result<()> {
@@ -140,8 +172,8 @@ pub fn run(command: ImageCommand) -> anyhow::Result<()> {
             eprintln!("kernel {}, command line: {}", built.kernel_version, built.kernel_options);
             Ok(())
         }
-        ImageCommand::BootTest { out, report, if_changed } => {
-            boot_test(&out.unwrap_or_else(default_out), report.as_deref(), if_changed)
+        ImageCommand::BootTest { out, report, if_changed, plan, site } => {
+            boot_test(&out.unwrap_or_else(default_out), report.as_deref(), if_changed, plan, &site)
         }
     }
 }
@@ -555,13 +587,40 @@ struct Report {
     /// HTTP status and the start of the page from `GET /`.
     web_status: Option<u16>,
     web_page_start: Option<String>,
+    /// The mail domain the drop provisioned.
+    site_domain: String,
+    /// What first boot said of the restore of the drop's backup (its `restore:` lines on the
+    /// console), when the drop held one.
+    restore_lines: Option<Vec<String>>,
+    /// The `--imap-user`'s INBOX as IMAPS served it after the boot, in UID order.
+    imap_inbox: Option<Vec<ImapMessage>>,
     console_log: PathBuf,
+    /// The disk as the guest left it (a copy of the built image), for scans of its bytes.
+    booted_disk: PathBuf,
+    /// The provisioning drop's disk image.
+    drop_disk: PathBuf,
 }
 
-fn boot_test(out: &Path, report_path: Option<&Path>, if_changed: bool) -> anyhow::Result<()> {
+/// One message read over IMAPS.
+#[derive(Serialize)]
+struct ImapMessage {
+    uid: u32,
+    /// `BODY[]`: the file holding the exact bytes the server sent.
+    file: PathBuf,
+    sha256: String,
+}
+
+fn boot_test(
+    out: &Path,
+    report_path: Option<&Path>,
+    if_changed: bool,
+    plan: bool,
+    site: &BootSite,
+) -> anyhow::Result<()> {
     let inputs = inputs_hash()?;
     let stamp = work_dir().join("boot-test.passed");
-    let mut report = Report { inputs_sha256: inputs.clone(), ..Report::default() };
+    let mut report =
+        Report { inputs_sha256: inputs.clone(), site_domain: site.site_domain.clone(), ..Report::default() };
     if if_changed && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == inputs) {
         let reason = format!(
             "image boot test SKIPPED: image/ (units included) and the image tooling are unchanged since the boot test last passed on this machine (inputs sha256 {inputs}; remove {} to force a run)",
@@ -572,7 +631,12 @@ fn boot_test(out: &Path, report_path: Option<&Path>, if_changed: bool) -> anyhow
         report.reason = Some(reason);
         return write_report(report_path, &report);
     }
-    let result = boot_test_run(out, &mut report);
+    if plan {
+        report.status = "due".into();
+        report.reason = Some(format!("image/ or the image tooling changed (inputs sha256 {inputs})"));
+        return write_report(report_path, &report);
+    }
+    let result = boot_test_run(out, site, &mut report);
     match &result {
         Ok(()) => {
             report.status = "passed".into();
@@ -660,7 +724,8 @@ impl Drop for Processes {
     }
 }
 
-fn boot_test_run(out: &Path, report: &mut Report) -> anyhow::Result<()> {
+fn boot_test_run(out: &Path, site: &BootSite, report: &mut Report) -> anyhow::Result<()> {
+    let domain = site.site_domain.as_str();
     let started = Instant::now();
     let built = build(out)?;
     report.build_seconds = Some(started.elapsed().as_secs_f64());
@@ -686,18 +751,28 @@ fn boot_test_run(out: &Path, report: &mut Report) -> anyhow::Result<()> {
         drop.join("provision.conf"),
         format!(
             "# Provisioning drop of the image boot test (docs/operations.md, First boot).\n\
-             SITE_DOMAIN={TEST_DOMAIN}\nSITE_NAME=Boot test\nKME_ID={TEST_KME}\nAPP_SAE_IDS={TEST_APP_SAE}\n\
+             SITE_DOMAIN={domain}\nSITE_NAME=Boot test\nKME_ID={TEST_KME}\nAPP_SAE_IDS={TEST_APP_SAE}\n\
              LINK_ID={TEST_LINK}\nLINK_PEER_KME_ID={TEST_PEER_KME}\nLINK_PEER_URL=https://kmd.peer.qutemail.test:8444\n\
              LINK_PEER_SAE_IDS={TEST_PEER_SAE}\nLINK_DEVICE=/dev/qkd0\nLINK_BAUD_RATE=115200\n"
         ),
     )?;
+    // A backup to restore, as an operator moving the site to this appliance hands it over.
+    let mut drop_mib = 8;
+    if let (Some(archive), Some(passphrase)) = (&site.restore, &site.restore_passphrase_file) {
+        std::fs::copy(archive, drop.join("restore.qmb"))
+            .with_context(|| format!("copying the backup {}", archive.display()))?;
+        std::fs::copy(passphrase, drop.join("restore-passphrase"))
+            .with_context(|| format!("copying {}", passphrase.display()))?;
+        drop_mib += std::fs::metadata(archive)?.len().div_ceil(1 << 20) * 5 / 4;
+    }
     let drop_image = dir.join("provision.img");
+    report.drop_disk = drop_image.clone();
     exec(
         Command::new("mke2fs")
             .args(["-q", "-F", "-t", "ext4", "-L", "QMPROVISION", "-d"])
             .arg(&drop)
             .arg(&drop_image)
-            .arg("8M"),
+            .arg(format!("{drop_mib}M")),
         "making the provisioning drop",
     )?;
 
@@ -738,6 +813,7 @@ fn boot_test_run(out: &Path, report: &mut Report) -> anyhow::Result<()> {
     // The disk the guest writes to is a copy: the built image stays as built. So is the firmware's
     // variable store, which the firmware writes its boot entries to.
     let disk = dir.join("disk.img");
+    report.booted_disk = disk.clone();
     exec(
         Command::new("cp").arg("--sparse=always").arg(&built.image).arg(&disk),
         "copying the image for the boot",
@@ -746,10 +822,16 @@ fn boot_test_run(out: &Path, report: &mut Report) -> anyhow::Result<()> {
     std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS}"))?;
     report.boot_path = BOOT_PATH.into();
     let ports = Ports::pick()?;
-    let hostfwd = [(ports.smtp, 25), (ports.web, 443), (ports.etsi014, 8443), (ports.metrics, 9464)]
-        .iter()
-        .map(|(host, guest)| format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"))
-        .collect::<String>();
+    let hostfwd = [
+        (ports.smtp, 25),
+        (ports.web, 443),
+        (ports.etsi014, 8443),
+        (ports.metrics, 9464),
+        (ports.imaps, 993),
+    ]
+    .iter()
+    .map(|(host, guest)| format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"))
+    .collect::<String>();
     let qemu_log = std::fs::File::create(dir.join("qemu.log"))?;
     eprintln!("boot test: booting the disk under qemu (TCG, UEFI); console: {}", console.display());
     let boot_started = Instant::now();
@@ -796,12 +878,22 @@ fn boot_test_run(out: &Path, report: &mut Report) -> anyhow::Result<()> {
     let banner =
         poll(deadline, &mut processes, &alive, "the SMTP banner on port 25", || smtp_banner(ports.smtp))?;
     eprintln!("boot test: SMTP after {:.0} s: {banner}", boot_started.elapsed().as_secs_f64());
-    if !banner.starts_with("220 ") || !banner.contains(&format!("mail.{TEST_DOMAIN}")) {
+    if !banner.starts_with("220 ") || !banner.contains(&format!("mail.{domain}")) {
         bail!("the SMTP banner is not the gateway's: {banner:?}");
     }
     report.smtp_banner = Some(banner);
     let console_text = std::fs::read_to_string(&console).unwrap_or_default();
     report.firstboot_done = console_text.contains("qutemail-firstboot: done");
+    if site.restore.is_some() {
+        let lines: Vec<String> = console_text
+            .lines()
+            .filter_map(|l| Some(l.split_once("qutemail-firstboot: restore: ")?.1.trim_end().to_string()))
+            .collect();
+        if lines.is_empty() {
+            bail!("first boot did not report restoring the drop's backup; see {}", console.display());
+        }
+        report.restore_lines = Some(lines);
+    }
 
     // The kernel came from the disk under UEFI (the firmware named in its EFI line) with the
     // loader entry's command line: systemd-boot found the entry and passed its options on.
@@ -857,12 +949,28 @@ fn boot_test_run(out: &Path, report: &mut Report) -> anyhow::Result<()> {
 
     // 4. The web UI over HTTPS (port 443 through its socket unit).
     let (code, page) = poll(deadline, &mut processes, &alive, "the web UI on port 443", || {
-        https_get(ports.web, &pki.join("ca.pem"))
+        https_get(domain, ports.web, &pki.join("ca.pem"))
     })?;
     report.web_status = Some(code);
     report.web_page_start = Some(page.chars().take(200).collect());
     if code != 200 || !page.to_ascii_lowercase().contains("<html") {
         bail!("GET / on the web UI answered {code}: {page:.200}");
+    }
+
+    // 5. A user's mail over IMAPS (port 993 through its socket unit), as a mail client reads it.
+    if let (Some(user), Some(password_file)) = (&site.imap_user, &site.imap_password_file) {
+        let imap = ImapsClient::new(&dir, domain, ports.imaps, &pki.join("ca.pem"), user, password_file)?;
+        let uids =
+            poll(deadline, &mut processes, &alive, "the INBOX over IMAPS on port 993", || imap.uids())?;
+        let mut inbox = Vec::new();
+        for uid in uids {
+            let body = imap.fetch(uid).map_err(|e| anyhow::anyhow!("IMAPS FETCH of UID {uid}: {e}"))?;
+            let file = dir.join(format!("imap-inbox-{uid}.eml"));
+            std::fs::write(&file, &body)?;
+            inbox.push(ImapMessage { uid, file, sha256: sha256_hex(&body)? });
+        }
+        eprintln!("boot test: {} messages in {user}'s INBOX over IMAPS", inbox.len());
+        report.imap_inbox = Some(inbox);
     }
     report.boot_seconds = Some(boot_started.elapsed().as_secs_f64());
     eprintln!(
@@ -879,15 +987,79 @@ struct Ports {
     web: u16,
     etsi014: u16,
     metrics: u16,
+    imaps: u16,
 }
 
 impl Ports {
-    /// Four free ports (bound and released; qemu binds them a moment later).
+    /// Free ports (bound and released; qemu binds them a moment later).
     fn pick() -> anyhow::Result<Self> {
         let listeners: Vec<TcpListener> =
-            (0..4).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+            (0..5).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
         let port = |i: usize| listeners[i].local_addr().map(|a| a.port());
-        Ok(Self { smtp: port(0)?, web: port(1)?, etsi014: port(2)?, metrics: port(3)? })
+        Ok(Self { smtp: port(0)?, web: port(1)?, etsi014: port(2)?, metrics: port(3)?, imaps: port(4)? })
+    }
+}
+
+/// An IMAPS client made of curl, as the boot test's mail client: the account's credentials in a
+/// curl config file (mode 0600), never on a command line.
+struct ImapsClient {
+    config: PathBuf,
+    base: String,
+}
+
+impl ImapsClient {
+    fn new(
+        dir: &Path,
+        domain: &str,
+        port: u16,
+        ca: &Path,
+        user: &str,
+        password_file: &Path,
+    ) -> anyhow::Result<Self> {
+        let password = std::fs::read_to_string(password_file)
+            .with_context(|| format!("reading {}", password_file.display()))?;
+        let password = password.lines().next().unwrap_or_default();
+        if [user, password].iter().any(|s| s.contains(['"', '\\', '\n'])) {
+            bail!("the IMAP user or password holds a quote, backslash or newline");
+        }
+        let config = dir.join("imaps.curlrc");
+        std::fs::write(
+            &config,
+            format!(
+                "silent\nshow-error\nmax-time = 60\ncacert = \"{}\"\nresolve = \"mail.{domain}:{port}:127.0.0.1\"\n\
+                 user = \"{user}:{password}\"\n",
+                ca.display()
+            ),
+        )?;
+        set_mode(&config, 0o600)?;
+        Ok(Self { config, base: format!("imaps://mail.{domain}:{port}/INBOX") })
+    }
+
+    fn curl(&self, url: &str, command: Option<&str>) -> Result<Vec<u8>, String> {
+        let mut cmd = Command::new("curl");
+        cmd.arg("--config").arg(&self.config).arg(url);
+        if let Some(c) = command {
+            cmd.args(["--request", c]);
+        }
+        let out = cmd.output().map_err(|e| format!("running curl: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(out.stdout)
+    }
+
+    /// `UID SEARCH ALL`: the INBOX's UIDs.
+    fn uids(&self) -> Result<Vec<u32>, String> {
+        let out = self.curl(&self.base, Some("UID SEARCH ALL"))?;
+        let text = String::from_utf8_lossy(&out);
+        let line =
+            text.lines().find_map(|l| l.strip_prefix("* SEARCH")).ok_or(format!("no SEARCH in {text:?}"))?;
+        line.split_whitespace().map(|n| n.parse().map_err(|_| format!("not a UID: {n:?}"))).collect()
+    }
+
+    /// `UID FETCH uid BODY[]`: the message's bytes.
+    fn fetch(&self, uid: u32) -> Result<Vec<u8>, String> {
+        self.curl(&format!("{}/;UID={uid}", self.base), None)
     }
 }
 
@@ -938,14 +1110,14 @@ fn http_get_plain(port: u16, path: &str) -> Result<String, String> {
     Ok(text)
 }
 
-fn https_get(port: u16, ca: &Path) -> Result<(u16, String), String> {
+fn https_get(domain: &str, port: u16, ca: &Path) -> Result<(u16, String), String> {
     let out = Command::new("curl")
         .args(["--silent", "--show-error", "--max-time", "30", "--cacert"])
         .arg(ca)
         .arg("--resolve")
-        .arg(format!("mail.{TEST_DOMAIN}:{port}:127.0.0.1"))
+        .arg(format!("mail.{domain}:{port}:127.0.0.1"))
         .args(["--write-out", "\n%{http_code}"])
-        .arg(format!("https://mail.{TEST_DOMAIN}:{port}/"))
+        .arg(format!("https://mail.{domain}:{port}/"))
         .output()
         .map_err(|e| format!("running curl: {e}"))?;
     if !out.status.success() {
