@@ -15,8 +15,9 @@ use tokio::net::TcpListener;
 
 use crate::config::GatewayConfig;
 use crate::smtp_host::{Role, SiteMailHost};
-use crate::systemd::{self, InheritedListeners, Notifier};
+use crate::systemd::InheritedListeners;
 use crate::wiring;
+use qutemail_service_notify::{Notifier, watchdog_interval};
 
 /// Runs the gateway; `inherited` holds the sockets systemd passed in (none outside systemd).
 pub async fn serve(config_path: &Path, mut inherited: InheritedListeners) -> anyhow::Result<ExitCode> {
@@ -209,7 +210,7 @@ pub async fn serve(config_path: &Path, mut inherited: InheritedListeners) -> any
     // The watchdog is petted from the runtime that serves mail: if its workers wedge, the pets
     // stop and systemd restarts the gateway (WatchdogSec=). A service task that ends stops the
     // gateway below, so "healthy" here means every service is still running.
-    let watchdog = systemd::watchdog_interval().map(|every| {
+    let watchdog = watchdog_interval().map(|every| {
         let notifier = notifier.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);

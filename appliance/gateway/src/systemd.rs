@@ -1,11 +1,8 @@
-//! systemd integration for `qutemail serve`: `Type=notify` readiness (`READY=1`, `STATUS=`),
-//! the watchdog (`WATCHDOG=1`), `STOPPING=1`, and socket activation (the `sd_listen_fds`
-//! protocol: `LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES`, descriptors from 3).
+//! Socket activation for `qutemail serve` (the `sd_listen_fds` protocol: `LISTEN_PID`,
+//! `LISTEN_FDS`, `LISTEN_FDNAMES`, descriptors from 3). Readiness, status and the watchdog are
+//! the daemons' shared `qutemail_service_notify`.
 //!
-//! The notifier follows kmd's (`kmd/daemon/src/systemd.rs`); the two are small and the
-//! workspace has no shared crate for daemon plumbing yet, so each daemon keeps its own.
-//!
-//! Socket activation: the appliance's `.socket` units bind the privileged ports (25, 587, 465,
+//! The appliance's `.socket` units bind the privileged ports (25, 587, 465,
 //! 143, 993, 110, 995, 443) and name each socket with `FileDescriptorName=` after the listener
 //! it carries ([`LISTENER_NAMES`]). `serve` takes the inherited sockets of a listener instead of
 //! binding its configured address; a listener with no inherited socket binds as before. A
@@ -15,9 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
-use std::time::Duration;
-
-use sd_notify::NotifyState;
 
 /// The names a listening socket can carry (`FileDescriptorName=` in its `.socket` unit), one
 /// per gateway listener, as `qutemail serve` reports them in its `READY` line.
@@ -166,57 +160,6 @@ impl InheritedListeners {
     }
 }
 
-/// Sends state changes to the service manager (`$NOTIFY_SOCKET`); every call is a no-op when
-/// the gateway was not started by systemd.
-#[derive(Debug, Clone)]
-pub struct Notifier {
-    enabled: bool,
-}
-
-impl Notifier {
-    /// A notifier that talks to `$NOTIFY_SOCKET` if it is set.
-    pub fn from_env() -> Self {
-        Self { enabled: std::env::var_os("NOTIFY_SOCKET").is_some_and(|s| !s.is_empty()) }
-    }
-
-    fn send(&self, states: &[NotifyState<'_>]) {
-        if !self.enabled {
-            return;
-        }
-        if let Err(e) = sd_notify::notify(states) {
-            tracing::warn!(error = %e, "cannot notify the service manager (NOTIFY_SOCKET)");
-        }
-    }
-
-    /// `READY=1` with a status line.
-    pub fn ready(&self, status: &str) {
-        let status = one_line(status);
-        self.send(&[NotifyState::Ready, NotifyState::Status(&status)]);
-    }
-
-    /// `WATCHDOG=1`.
-    pub fn watchdog(&self) {
-        self.send(&[NotifyState::Watchdog]);
-    }
-
-    /// `STOPPING=1` with a status line.
-    pub fn stopping(&self, status: &str) {
-        let status = one_line(status);
-        self.send(&[NotifyState::Stopping, NotifyState::Status(&status)]);
-    }
-}
-
-/// The notification protocol is line-based: a status must not contain a newline.
-fn one_line(s: &str) -> String {
-    s.replace(['\n', '\r'], " ")
-}
-
-/// How often to pet the watchdog: half of `WATCHDOG_USEC`, when the watchdog is on for this
-/// process (`WATCHDOG_PID` unset or this process).
-pub fn watchdog_interval() -> Option<Duration> {
-    sd_notify::watchdog_enabled().filter(|d| !d.is_zero()).map(|d| d / 2)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,10 +228,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a socket"), "{e}");
-    }
-
-    #[test]
-    fn status_is_one_line() {
-        assert_eq!(one_line("a\nb\r\nc"), "a b  c");
     }
 }

@@ -1,7 +1,5 @@
 //! The `qkd-sim` command: parses arguments and wires the library's parts together.
 
-mod notify;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use qkd_sim::control::{self, ControlRequest, EndSelector};
 use qkd_sim::{SimConfig, Simulator};
+use qutemail_service_notify::{Notifier, watchdog_interval};
 
 #[derive(Parser)]
 #[command(
@@ -315,13 +314,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     // Under systemd (qkd-sim.service, Type=notify): ready once both ends are up, watchdog
     // pets from the runtime that drives the simulation.
-    notify::send(&format!("READY=1\nSTATUS=simulating link {}", sim.status().link.link_id));
+    let notifier = Notifier::from_env();
+    notifier.ready(&format!("simulating link {}", sim.status().link.link_id));
     let watchdog = async {
-        let Some(every) = notify::watchdog_interval() else { return std::future::pending().await };
+        let Some(every) = watchdog_interval() else { return std::future::pending().await };
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            notify::send("WATCHDOG=1");
+            notifier.watchdog();
         }
     };
     tokio::select! {
@@ -329,7 +329,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         () = watchdog => {}
         r = tokio::signal::ctrl_c() => r?,
     }
-    notify::send("STOPPING=1");
+    notifier.stopping("stopping");
     if let Some(path) = &control_socket {
         let _ = std::fs::remove_file(path);
     }

@@ -36,9 +36,9 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, Problem};
 use crate::metrics::{HsmOp, Metrics, PeerSyncState};
 use crate::pool::{KeyStore, StoreError};
-use crate::systemd::{self, Notifier};
 use crate::{etsi, links};
 use kmd_kme::{Kme, KmeError};
+use qutemail_service_notify::{Notifier, watchdog_interval};
 
 /// How often the HSM is checked when systemd's watchdog is off (or slower than this).
 pub const MAX_HEALTH_INTERVAL: Duration = Duration::from_secs(30);
@@ -234,7 +234,7 @@ pub async fn run(config: Config, notifier: Notifier, metrics: Arc<Metrics>) -> R
     ));
 
     // The HSM health monitor.
-    let pet_every = systemd::watchdog_interval();
+    let pet_every = watchdog_interval();
     let health_every =
         pet_every.map_or(MAX_HEALTH_INTERVAL, |p| p.clamp(Duration::from_millis(100), MAX_HEALTH_INTERVAL));
     let health = Arc::new(Mutex::new(Health { at: Instant::now(), error: None }));

@@ -36,4 +36,3 @@ pub mod logging;
 pub mod metrics;
 pub mod pool;
 pub mod status;
-pub mod systemd;

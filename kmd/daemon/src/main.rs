@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use kmd::config::{self, Config};
-use kmd::{app, enrol, logging, metrics::Metrics, systemd::Notifier};
+use kmd::{app, enrol, logging, metrics::Metrics};
+use qutemail_service_notify::Notifier;
 
 /// QuteMail key management daemon: QKD key blocks in, HSM-wrapped key pool, ETSI GS QKD 014 out.
 ///
