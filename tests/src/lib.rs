@@ -6,9 +6,11 @@ use std::process::{Command, Output};
 pub mod browser;
 pub mod gateway;
 pub mod site;
+pub mod web;
 
 pub use gateway::{DemoGateway, wait_for};
 pub use site::{gateway_metrics, pop3_fetch, python, sample, submit};
+pub use web::WebApi;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {

@@ -12,7 +12,11 @@
 //! connection problems, no QKD keys yet) are retried on the [`RetryPolicy`] schedule;
 //! permanent ones (5xx) and the give-up age bounce: the local sender receives an RFC 3464
 //! delivery status notification in their INBOX ([`dsn`]), and a delay warning once a message
-//! has waited long.
+//! has waited long. Each recipient's final outcome is recorded in the store with how the
+//! delivery went out — the mode actually used and, for an envelope sealed for a peer site, its
+//! QKD key IDs, link, KMEs and signed certificate — in the transaction that finishes it, so a
+//! sender can still learn which keys protected which delivery after the message has left the
+//! queue (`qutemail_store::Store::delivery_status`, `POST /api/qkd/confirm/`).
 
 #![deny(missing_docs)]
 #![warn(clippy::unwrap_used, clippy::expect_used)]

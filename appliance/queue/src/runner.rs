@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 use qutemail_smtp::client::{ClientConfig, SmtpClient, TlsMode};
 use qutemail_smtp::{Address, DsnReturn, MailParams, RcptParams, Recipient, ReversePath};
 use qutemail_store::{
-    NewQueueRecipient, NewQueuedMessage, QueueOutcome, QueuedDelivery, QueuedRecipient, Store,
+    DeliveryProtection, NewQueueRecipient, NewQueuedMessage, QueueOutcome, QueuedDelivery, QueuedRecipient,
+    Store,
 };
 use qutemail_telemetry::{GatewayMetrics, WaitReason};
 use qutemail_vault::{AppendRequest, MailVault, Protection, SealOrder, StoredProtection, VaultError};
@@ -282,13 +283,15 @@ impl OutboundQueue {
         let due = self.inner.store.claim_due(SystemTime::now(), s.lease, s.batch).await?;
         let n = due.len();
         for delivery in due {
-            let outcomes = self.attempt(&delivery).await;
-            self.inner.store.record_queue_outcomes(&outcomes).await?;
+            let (outcomes, sent_as) = self.attempt(&delivery).await;
+            self.inner.store.record_delivery_outcomes(&outcomes, sent_as.as_ref()).await?;
         }
         Ok(n)
     }
 
-    async fn attempt(&self, d: &QueuedDelivery) -> Vec<(i64, QueueOutcome)> {
+    /// One delivery attempt of `d`: the recipients' outcomes, and how the message went out
+    /// when it reached the next hop (for the delivery records).
+    async fn attempt(&self, d: &QueuedDelivery) -> (Vec<(i64, QueueOutcome)>, Option<DeliveryProtection>) {
         let s = &self.inner.settings;
         let age = SystemTime::now().duration_since(d.message.created_at).unwrap_or_default();
         let transient = |status: &str, reply: String, remote: Option<String>| -> Vec<Attempted> {
@@ -314,8 +317,11 @@ impl OutboundQueue {
             Some((_, true)) => d.domain.to_ascii_lowercase(),
             _ => "other".to_owned(),
         };
-        // The protection the message went out with (set by `prepare`).
+        // The protection the message went out with (set by `prepare`), and whether the next hop
+        // answered the transaction (only then is it recorded with the outcomes).
         let mut mode = Protection::Normal;
+        let mut sealed = None;
+        let mut answered = false;
         let results = match self.load(d).await {
             Err(e) => {
                 tracing::error!(queue_id = %d.message.queue_id, error = %e, "cannot open a queued message");
@@ -329,16 +335,26 @@ impl OutboundQueue {
                 ),
                 (route, mx) => {
                     let peer = route.as_ref().is_some_and(|(_, peer)| *peer);
-                    match self.prepare(d, peer, &plain, &mut mode).await.and_then(|b| self.dkim_sign(d, b)) {
+                    let prepared = self.prepare(d, peer, &plain, &mut mode, &mut sealed).await;
+                    match prepared.and_then(|b| self.dkim_sign(d, b)) {
                         Err(Prepared::Wait(reply)) => transient(KEY_WAIT_STATUS, reply, None),
                         Err(Prepared::Refuse(reply)) => permanent("5.7.1", reply, None),
                         Err(Prepared::Local(reply)) => transient("4.3.0", reply, None),
                         Ok(bytes) => match (route, mx) {
-                            (Some((route, _)), _) => self.send(d, &route, &bytes).await.unwrap_or_else(|e| {
-                                let reply = format!("{UNREACHABLE_PREFIX}: {e}");
-                                transient("4.4.1", reply, Some(route.target.clone()))
-                            }),
-                            (None, Some(mx)) => self.send_by_mx(mx, d, &bytes).await,
+                            (Some((route, _)), _) => match self.send(d, &route, &bytes).await {
+                                Ok(results) => {
+                                    answered = true;
+                                    results
+                                }
+                                Err(e) => {
+                                    let reply = format!("{UNREACHABLE_PREFIX}: {e}");
+                                    transient("4.4.1", reply, Some(route.target.clone()))
+                                }
+                            },
+                            (None, Some(mx)) => {
+                                answered = true;
+                                self.send_by_mx(mx, d, &bytes).await
+                            }
                             (None, None) => permanent("5.4.4", format!("no route to {}", d.domain), None),
                         },
                     }
@@ -415,7 +431,13 @@ impl OutboundQueue {
                 tracing::error!(queue_id = %d.message.queue_id, error = %e, "cannot deliver a delivery status notification");
             }
         }
-        outcomes
+        let sent_as = answered.then(|| {
+            sealed.unwrap_or_else(|| DeliveryProtection {
+                mode: mode.as_str().to_owned(),
+                ..Default::default()
+            })
+        });
+        (outcomes, sent_as)
     }
 
     async fn load(&self, d: &QueuedDelivery) -> Result<Zeroizing<Vec<u8>>, QueueError> {
@@ -436,13 +458,15 @@ impl OutboundQueue {
     }
 
     /// The bytes to send: for a peer site, the message sealed with fresh QKD keys (taken now,
-    /// at the attempt, so a message waits in the queue while kmd has none).
+    /// at the attempt, so a message waits in the queue while kmd has none). `mode` and `sealed`
+    /// say how: the protection applied, and for an envelope its keys, link and certificate.
     async fn prepare(
         &self,
         d: &QueuedDelivery,
         peer: bool,
         plain: &[u8],
         mode: &mut Protection,
+        sealed: &mut Option<DeliveryProtection>,
     ) -> Result<Vec<u8>, Prepared> {
         let vault = &self.inner.vault;
         let requested = d.message.requested.as_deref().and_then(parse_protection);
@@ -461,6 +485,7 @@ impl OutboundQueue {
         match vault.seal_outbound(order, std::io::Cursor::new(plain.to_vec()), Vec::new()).await {
             Ok(out) => {
                 *mode = out.protection;
+                *sealed = Some(sealed_as(d, &out));
                 Ok(out.output)
             }
             Err(e @ (VaultError::KeysUnavailable { .. } | VaultError::Kmd { .. } | VaultError::Hsm(_))) => {
@@ -586,6 +611,31 @@ impl OutboundQueue {
             .await?;
         tracing::info!(queue_id = %d.message.queue_id, recipients = reports.len(), "delivery status notification sent to the sender");
         Ok(())
+    }
+}
+
+/// What a sealed envelope carried, for its delivery records: the mode, and from its signed
+/// certificate the algorithm, key IDs, link, KMEs and the certificate's JSON exactly as it is
+/// in the envelope. The certificate holds IDs, hashes and a signature, never key bytes.
+fn sealed_as(d: &QueuedDelivery, out: &qutemail_vault::Outbound<Vec<u8>>) -> DeliveryProtection {
+    let signed = &out.summary.certificate;
+    let c = &signed.certificate;
+    let certificate = signed
+        .to_json()
+        .inspect_err(|e| {
+            // Not reachable for a certificate that was just written into the envelope; the
+            // delivery goes on, its record lacks the certificate.
+            tracing::error!(queue_id = %d.message.queue_id, error = %e, "cannot encode the sealed certificate");
+        })
+        .ok();
+    DeliveryProtection {
+        mode: out.protection.as_str().to_owned(),
+        algorithm: Some(c.algorithm.clone()),
+        key_ids: c.key_ids.clone(),
+        link_id: c.link_id.clone(),
+        source_kme_id: c.source_kme_id.clone(),
+        target_kme_id: c.target_kme_id.clone(),
+        certificate,
     }
 }
 

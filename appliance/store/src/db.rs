@@ -10,7 +10,7 @@ use crate::error::StoreError;
 use crate::types::Backend;
 
 /// Newest schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// (version, SQLite script, PostgreSQL script); applied in order, all pending ones in one
 /// transaction, so a database moves forward only and never stops half way.
@@ -34,6 +34,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         include_str!("../migrations/sqlite/0004_peer_deliveries.sql"),
         include_str!("../migrations/postgres/0004_peer_deliveries.sql"),
+    ),
+    (
+        5,
+        include_str!("../migrations/sqlite/0005_delivery_records.sql"),
+        include_str!("../migrations/postgres/0005_delivery_records.sql"),
     ),
 ];
 

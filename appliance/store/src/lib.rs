@@ -56,6 +56,15 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Outbound queue and delivery records
+//!
+//! The queue's tables hold each queued message (sealed at rest) and its recipients' state
+//! ([`Store::enqueue`], [`Store::claim_due`], [`Store::record_delivery_outcomes`]). When a
+//! recipient is done, the same transaction writes its delivery record ([`RecipientDelivery`]):
+//! delivered or bounced, and how it went out ([`DeliveryProtection`]: mode, and for a sealed
+//! envelope the QKD key IDs, link, KMEs and signed certificate). The record outlives the queue
+//! entry for [`DELIVERY_RECORD_RETENTION`]; [`Store::delivery_status`] answers for a queue ID.
+//!
 //! Cargo feature `s3` adds `S3BlobStore` (blobs in an S3-compatible object store, for
 //! [`Store::open_with_blobs`]); see its docs for layout and durability.
 //!
@@ -90,6 +99,10 @@ pub use s3::{S3BlobStore, S3Config, S3Error};
 pub use store::{
     DEFAULT_MAILBOXES, NewQueueRecipient, NewQueuedMessage, QueueListing, QueueOutcome, QueuedDelivery,
     QueuedMessage, QueuedRecipient, Store, StoreConfig, normalize_address, normalize_mailbox_name,
+};
+// What became of each recipient of an outbound message (schema v5), with its QKD keys.
+pub use store::{
+    DELETED_BY_OPERATOR, DELIVERY_RECORD_RETENTION, DeliveryProtection, DeliveryState, RecipientDelivery,
 };
 // Backup and restore: a logical copy of every table.
 pub use store::{DUMP_TABLES, DumpTable, DumpValue, StoreDump};

@@ -16,14 +16,16 @@ use crate::error::{AuthError, StoreError};
 use crate::password::{self, PasswordParams};
 use crate::types::*;
 
+mod delivery;
 mod dump;
 mod queue;
 mod web;
 
+pub use delivery::{DELIVERY_RECORD_RETENTION, DeliveryProtection, DeliveryState, RecipientDelivery};
 pub use dump::{DUMP_TABLES, DumpTable, DumpValue, StoreDump};
 pub use queue::{
-    NewQueueRecipient, NewQueuedMessage, QueueListing, QueueOutcome, QueuedDelivery, QueuedMessage,
-    QueuedRecipient,
+    DELETED_BY_OPERATOR, NewQueueRecipient, NewQueuedMessage, QueueListing, QueueOutcome, QueuedDelivery,
+    QueuedMessage, QueuedRecipient,
 };
 pub use web::{NewUpload, RefreshOutcome, SentRecord, Upload, WebSettings, WebSettingsUpdate};
 /// Settings of a [`Store`].

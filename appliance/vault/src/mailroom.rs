@@ -126,6 +126,73 @@ impl MailVault {
             Err(e) => Err(e),
         }
     }
+
+    /// The message as a client sees it, streamed into `output` with bounded memory: the
+    /// presentation header lines of [`MailVault::present`], then the plaintext as each
+    /// authenticated chunk of the sealed blob verifies. The blob is read from the store as a
+    /// stream, not into memory. `output` is written from a blocking thread, so it may block
+    /// (e.g. a bounded channel's `blocking_send`); an error from it stops the opening.
+    ///
+    /// The message is authentic only if this returns `Ok` (the final chunk proves nothing was
+    /// cut off): on an error `output` may have received a prefix, which the caller must discard
+    /// or report as failed. Unlike [`MailVault::present`] this produces no explanation for a
+    /// message that does not open; a caller that has not yet shown anything falls back to it.
+    pub async fn present_streamed<W>(
+        &self,
+        store: &Store,
+        meta: &MessageMeta,
+        output: W,
+    ) -> Result<W, VaultError>
+    where
+        W: std::io::Write + Send + 'static,
+    {
+        let stored = StoredProtection::from_store(&meta.protection)?;
+        let blob = store.read_blob(meta).await.map_err(VaultError::Store)?;
+        let blob = BlockingBlob { runtime: tokio::runtime::Handle::current(), blob };
+        let output = HeadersFirst { headers: Some(presentation_headers(&stored).into_bytes()), output };
+        let opened = self.open_stored(&stored, blob, output).await?;
+        Ok(opened.output.output)
+    }
+}
+
+/// A store blob read from a blocking thread (the opening runs in `spawn_blocking`), chunk by
+/// chunk as the decryption asks for it.
+struct BlockingBlob {
+    runtime: tokio::runtime::Handle,
+    blob: qutemail_store::BlobReader,
+}
+
+impl std::io::Read for BlockingBlob {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.runtime.block_on(self.blob.read(buf))
+    }
+}
+
+/// Writes the presentation header lines before the first plaintext (or at the final flush of
+/// an empty message), from the blocking thread like the plaintext itself.
+struct HeadersFirst<W> {
+    headers: Option<Vec<u8>>,
+    output: W,
+}
+
+impl<W: std::io::Write> HeadersFirst<W> {
+    fn headers_out(&mut self) -> std::io::Result<()> {
+        match self.headers.take() {
+            Some(h) => self.output.write_all(&h),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for HeadersFirst<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.headers_out()?;
+        self.output.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.headers_out()?;
+        self.output.flush()
+    }
 }
 
 /// A plaintext buffer that is wiped when dropped.

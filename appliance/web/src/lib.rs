@@ -27,12 +27,14 @@
 
 mod admin;
 mod auth;
+mod download;
 pub mod error;
 mod extract;
 mod mail;
 mod message;
 pub mod metrics;
 mod openapi;
+pub mod part_stream;
 mod qkd;
 mod server;
 pub mod token;

@@ -20,6 +20,7 @@ use zeroize::Zeroizing;
 
 use crate::Shared;
 use crate::auth::check_mode;
+use crate::download::{self, Download};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, ApiQuery, AuthUser};
 use crate::message::{self, MessageView, OpenedMessage, Summary};
@@ -402,7 +403,7 @@ fn attachment_disposition(filename: &str) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("attachment"))
 }
 
-/// Downloads an attachment.
+/// Downloads an attachment, streamed as the message is decrypted (see [`crate::download`]).
 #[utoipa::path(get, path = "/api/mail/{id}/attachments/{index}/", tag = "mail", security(("bearer" = [])),
     params(("id" = String, Path, description = "message id"), ("index" = usize, Path, description = "attachment index")),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 401, body = ErrorBody),
@@ -414,16 +415,25 @@ pub(crate) async fn attachment(
 ) -> ApiResult<Response> {
     let index: usize = index.parse().map_err(|_| ApiError::not_found("no such attachment"))?;
     let (mailbox, meta) = load(&state, &user, &id).await?;
-    let opened = open(&state, &mailbox, &meta).await?;
-    let (filename, content_type, bytes) = message::attachment(&opened.presented, index)
-        .ok_or_else(|| ApiError::not_found("no such attachment"))?;
-    let ct = HeaderValue::from_str(&content_type)
+    match download::start(&state, &meta, index).await {
+        Download::Streaming { head, body } => {
+            Ok(attachment_response(&head.filename, &head.content_type, body))
+        }
+        Download::NotFound => Err(ApiError::not_found("no such attachment")),
+        Download::InMemory => {
+            let opened = open(&state, &mailbox, &meta).await?;
+            let (filename, content_type, bytes) = message::attachment(&opened.presented, index)
+                .ok_or_else(|| ApiError::not_found("no such attachment"))?;
+            Ok(attachment_response(&filename, &content_type, Body::from(bytes)))
+        }
+    }
+}
+
+fn attachment_response(filename: &str, content_type: &str, body: Body) -> Response {
+    let ct = HeaderValue::from_str(content_type)
         .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
-    Ok((
-        [(header::CONTENT_TYPE, ct), (header::CONTENT_DISPOSITION, attachment_disposition(&filename))],
-        Body::from(bytes),
-    )
-        .into_response())
+    ([(header::CONTENT_TYPE, ct), (header::CONTENT_DISPOSITION, attachment_disposition(filename))], body)
+        .into_response()
 }
 
 /// Marks, flags or moves a message.

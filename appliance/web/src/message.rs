@@ -11,6 +11,8 @@ use qutemail_vault::{Presented, Protection, StoredKind, StoredProtection};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::part_stream::content_type_text;
+
 /// Longest snippet, characters.
 const SNIPPET_CHARS: usize = 120;
 
@@ -209,13 +211,7 @@ pub(crate) fn build(folder: &str, meta: &MessageMeta, presented: Presented) -> O
             .map(Cow::into_owned);
         date = m.date().map(|d| d.to_rfc3339());
         for (index, part) in m.attachments().enumerate() {
-            let content_type = part
-                .content_type()
-                .map(|c| match c.subtype() {
-                    Some(s) => format!("{}/{}", c.ctype(), s),
-                    None => c.ctype().to_owned(),
-                })
-                .unwrap_or_else(|| "application/octet-stream".into());
+            let content_type = content_type_text(part.content_type());
             attachments.push(AttachmentView {
                 index,
                 filename: part.attachment_name().unwrap_or("attachment").to_owned(),
@@ -280,17 +276,13 @@ fn certificate_view(stored: &StoredProtection, verified: bool) -> Option<Certifi
     })
 }
 
-/// Attachment `index` of an opened message: (file name, content type, bytes).
+/// Attachment `index` of an opened message: (file name, content type, bytes), in memory.
+/// Downloads stream instead ([`crate::part_stream`], which numbers attachments the same way);
+/// this serves messages the stream cannot follow and is the reference its tests compare with.
 pub(crate) fn attachment(presented: &Presented, index: usize) -> Option<(String, String, Vec<u8>)> {
     let m = MessageParser::default().parse(&presented.message[..])?;
     let part = m.attachments().nth(index)?;
-    let content_type = part
-        .content_type()
-        .map(|c| match c.subtype() {
-            Some(s) => format!("{}/{}", c.ctype(), s),
-            None => c.ctype().to_owned(),
-        })
-        .unwrap_or_else(|| "application/octet-stream".into());
+    let content_type = content_type_text(part.content_type());
     Some((part.attachment_name().unwrap_or("attachment").to_owned(), content_type, part.contents().to_vec()))
 }
 

@@ -1,8 +1,13 @@
 //! `/api/qkd/*`: whether QKD keys for a recipient's site are ready (ETSI 014 `status` at the
-//! site's kmd; no key is taken), and what became of a sent message.
+//! site's kmd; no key is taken), and what became of a sent message: per recipient its delivery
+//! state and, for a delivery sealed for a peer site, the QKD key IDs, link and signed
+//! certificate it went out with (the queue's delivery records, `qutemail-store`).
+
+use std::collections::HashMap;
 
 use axum::Json;
 use axum::extract::State;
+use qutemail_store::{DeliveryState, RecipientDelivery, SentRecord};
 use qutemail_vault::Protection;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -120,38 +125,71 @@ pub struct ConfirmRequest {
     pub id: String,
 }
 
-/// A sent message's delivery and keys.
+/// A sent message's delivery and the QKD keys it consumed.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Confirmation {
-    /// `queued|deferred|delivered|bounced` (the least advanced recipient's).
+    /// `queued|deferred|bounced|unknown|delivered`: the least advanced recipient's state, in
+    /// that order.
     pub state: String,
-    /// The mode asked for or chosen at submission.
+    /// The mode asked for or chosen at submission (what each delivery actually used is
+    /// `recipients[].mode`).
     pub mode: String,
-    /// QKD key IDs consumed (known once sealed for delivery; see detail).
+    /// The QKD key IDs of every delivered recipient, each once, in recipient order (the union
+    /// of `recipients[].key_ids`); empty until a QKD-sealed delivery is done.
     pub key_ids: Vec<String>,
-    /// The certificate, when known.
+    /// The signed certificate, when exactly one certificate covers the delivered recipients
+    /// (one delivery to one peer site); null when none does, or when deliveries to several
+    /// sites each carried their own (see `recipients[].certificate`).
     #[schema(value_type = Option<Object>)]
     pub certificate: Option<serde_json::Value>,
-    /// Per recipient: state.
+    /// Per recipient: state and, once delivered, how.
     pub recipients: Vec<RecipientState>,
     /// Human explanation.
     pub detail: String,
 }
 
-/// One recipient's state.
+/// One recipient's delivery.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RecipientState {
     /// Recipient.
     pub recipient: String,
-    /// `queued|deferred|delivered|bounced`.
+    /// `queued` (not tried yet), `deferred` (tried, will retry), `delivered`, `bounced`
+    /// (refused, given up, or removed from the queue by an operator), or `unknown` (the
+    /// queue's record of it is gone: older than 30 days, or sent before this gateway kept them).
     pub state: String,
     /// Delivery attempts so far.
     pub attempts: u32,
-    /// The last reply or diagnosis.
+    /// The last reply or diagnosis while not delivered (`deferred`, `bounced`), else null.
     pub last_error: Option<String>,
+    /// The last reply (for `delivered`, the next hop's acceptance) or our diagnosis.
+    pub last_reply: Option<String>,
+    /// Enhanced status code of the last reply (`2.0.0` once delivered).
+    pub status: Option<String>,
+    /// When the gateway was done with this recipient (RFC 3339), null while queued.
+    pub completed_at: Option<String>,
+    /// How it went out: `hybrid`, `qaes`, `otp` or `pqc` (sealed for a peer site), `normal`
+    /// (relayed over TLS only), or `local` (a mailbox on this site); null while queued, when
+    /// nothing was sent, or unknown.
+    pub mode: Option<String>,
+    /// The envelope's `X-QKD-Algorithm` (sealed deliveries).
+    pub algorithm: Option<String>,
+    /// The ETSI GS QKD 014 key IDs that sealed the delivered copy, in order: what the recipient
+    /// sees in `X-QKD-Key-ID`. Empty unless `delivered` in a QKD mode.
+    pub key_ids: Vec<String>,
+    /// The QKD link the keys came from (delivered, QKD modes).
+    pub link_id: Option<String>,
+    /// The sending site's KME (delivered, QKD modes).
+    pub source_kme_id: Option<String>,
+    /// The receiving site's KME (delivered, QKD modes).
+    pub target_kme_id: Option<String>,
+    /// The "Quantum Secured" certificate the delivered envelope carried, exactly as this site
+    /// signed it (`{certificate, signature}`, docs/envelope-format.md): verifiable with this
+    /// site's card. Null unless `delivered` sealed (`hybrid`, `qaes`, `otp`, `pqc`).
+    #[schema(value_type = Option<Object>)]
+    pub certificate: Option<serde_json::Value>,
 }
 
-/// Reports the delivery of a sent message.
+/// Reports the delivery of a sent message and the QKD keys each delivery consumed.
 #[utoipa::path(post, path = "/api/qkd/confirm/", tag = "qkd", security(("bearer" = [])), request_body = ConfirmRequest,
     responses((status = 200, body = Confirmation), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 400, body = ErrorBody), (status = 422, body = ErrorBody)))]
@@ -168,59 +206,138 @@ pub(crate) async fn confirm(
         .web_sent(user.account.id, &req.id)
         .await?
         .ok_or_else(|| ApiError::not_found("this message was not sent through the web API"))?;
-    let listing = state.deps.store.queue_listing().await?;
-    let mut recipients = Vec::new();
-    for (recipient, queue_id) in &record.recipients {
-        let entry = listing
-            .iter()
-            .find(|l| &l.queue_id == queue_id)
-            .and_then(|l| l.recipients.iter().find(|r| r.0.eq_ignore_ascii_case(recipient)));
-        let (state_name, attempts, last_error) = match entry {
-            _ if queue_id == "local" => ("delivered", 0, None),
-            // Recipients leave the queue listing once their whole message is done.
-            None => ("delivered", 0, None),
-            Some((_, s, attempts, _, reply)) => {
-                let name = match s.as_str() {
-                    "delivered" => "delivered",
-                    "failed" => "bounced",
-                    _ if *attempts > 0 => "deferred",
-                    _ => "queued",
-                };
-                (name, *attempts, reply.clone())
-            }
-        };
-        recipients.push(RecipientState {
-            recipient: recipient.clone(),
-            state: state_name.into(),
-            attempts,
-            last_error,
-        });
+    let mut queues: HashMap<String, Vec<RecipientDelivery>> = HashMap::new();
+    for (_, queue_id) in &record.recipients {
+        if queue_id != LOCAL && !queues.contains_key(queue_id) {
+            let status = state.deps.store.delivery_status(queue_id).await?;
+            queues.insert(queue_id.clone(), status);
+        }
     }
+    Ok(Json(confirmation(record, &queues)))
+}
+
+/// The queue ID compose records for a recipient on this site (delivered at once).
+const LOCAL: &str = "local";
+
+/// The answer for a web-sent message from the queue's view of each of its queue IDs.
+fn confirmation(record: SentRecord, queues: &HashMap<String, Vec<RecipientDelivery>>) -> Confirmation {
+    let recipients: Vec<RecipientState> = record
+        .recipients
+        .iter()
+        .map(|(recipient, queue_id)| {
+            if queue_id == LOCAL {
+                return local_recipient(recipient, record.created_at);
+            }
+            let found = queues
+                .get(queue_id)
+                .and_then(|q| q.iter().find(|r| r.recipient.eq_ignore_ascii_case(recipient)));
+            match found {
+                Some(delivery) => recipient_state(recipient, delivery),
+                None => unknown_recipient(recipient),
+            }
+        })
+        .collect();
     let rank = |s: &str| match s {
         "queued" => 0,
         "deferred" => 1,
         "bounced" => 2,
-        _ => 3,
+        "unknown" => 3,
+        _ => 4,
     };
     let overall =
         recipients.iter().map(|r| r.state.as_str()).min_by_key(|s| rank(s)).unwrap_or("delivered").to_owned();
-    Ok(Json(Confirmation {
+    let delivered = || recipients.iter().filter(|r| r.state == "delivered");
+    let mut key_ids: Vec<String> = Vec::new();
+    for id in delivered().flat_map(|r| &r.key_ids) {
+        if !key_ids.contains(id) {
+            key_ids.push(id.clone());
+        }
+    }
+    let mut certificates: Vec<&serde_json::Value> = Vec::new();
+    for c in delivered().filter_map(|r| r.certificate.as_ref()) {
+        if !certificates.contains(&c) {
+            certificates.push(c);
+        }
+    }
+    let certificate = match certificates.as_slice() {
+        [one] => Some((*one).clone()),
+        _ => None,
+    };
+    Confirmation {
         detail: match overall.as_str() {
             "queued" => {
                 "waiting in the outbound queue; QKD keys are taken when it is sealed for delivery".into()
             }
             "deferred" => "delivery was tried and will be retried (e.g. waiting for QKD keys)".into(),
-            "bounced" => "delivery failed; a report was sent to your INBOX".into(),
-            _ => {
-                "delivered (or handed to the recipient's site). The key IDs are recorded in the recipient's \
-                  certificate; this gateway does not keep them for sent mail yet."
-                    .into()
-            }
+            "bounced" => "delivery failed for at least one recipient; a report was sent to your INBOX".into(),
+            "unknown" => "the outcome of at least one recipient is no longer recorded (kept 30 days)".into(),
+            _ => "delivered to every recipient; each delivery sealed for a peer site lists the QKD key IDs \
+                  and the signed certificate it carried"
+                .into(),
         },
         state: overall,
         mode: record.mode,
-        key_ids: Vec::new(),
-        certificate: None,
+        key_ids,
+        certificate,
         recipients,
-    }))
+    }
+}
+
+fn local_recipient(recipient: &str, at: std::time::SystemTime) -> RecipientState {
+    RecipientState {
+        state: DeliveryState::Delivered.as_str().into(),
+        completed_at: Some(crate::message::rfc3339(at)),
+        mode: Some(LOCAL.into()),
+        ..unknown_recipient(recipient)
+    }
+}
+
+fn unknown_recipient(recipient: &str) -> RecipientState {
+    RecipientState {
+        recipient: recipient.to_owned(),
+        state: "unknown".into(),
+        attempts: 0,
+        last_error: None,
+        last_reply: None,
+        status: None,
+        completed_at: None,
+        mode: None,
+        algorithm: None,
+        key_ids: Vec::new(),
+        link_id: None,
+        source_kme_id: None,
+        target_kme_id: None,
+        certificate: None,
+    }
+}
+
+fn recipient_state(recipient: &str, d: &RecipientDelivery) -> RecipientState {
+    let delivered = d.state == DeliveryState::Delivered;
+    let mut out = RecipientState {
+        state: d.state.as_str().into(),
+        attempts: d.attempts,
+        last_error: if delivered { None } else { d.reply.clone() },
+        last_reply: d.reply.clone(),
+        status: d.status.clone(),
+        completed_at: d.completed_at.map(crate::message::rfc3339),
+        mode: d.sent_as.as_ref().map(|p| p.mode.clone()),
+        ..unknown_recipient(recipient)
+    };
+    // What sealed a copy is reported for a delivered copy only: a refused attempt's keys
+    // protect nothing anyone holds.
+    if let (true, Some(p)) = (delivered, &d.sent_as) {
+        out.algorithm = p.algorithm.clone();
+        out.key_ids = p.key_ids.clone();
+        out.link_id = p.link_id.clone();
+        out.source_kme_id = p.source_kme_id.clone();
+        out.target_kme_id = p.target_kme_id.clone();
+        out.certificate = p.certificate.as_deref().and_then(|json| {
+            serde_json::from_slice(json)
+                .inspect_err(
+                    |e| tracing::warn!(recipient, error = %e, "a delivery record's certificate is not JSON"),
+                )
+                .ok()
+        });
+    }
+    out
 }

@@ -826,3 +826,134 @@ fn errors_headers_openapi_and_quiet_logs() {
         })
     });
 }
+
+/// A 20 MB attachment downloads streamed (chunked, no length known up front), byte for byte,
+/// with its headers; an index past the last attachment is a JSON 404; a message whose sealed
+/// blob was altered near its end aborts the download instead of ending it short.
+#[test]
+fn attachment_download_streamed_intact_and_aborted_on_damage() {
+    isolated("attachment_download_streamed_intact_and_aborted_on_damage", &[TOKEN], |env| {
+        runtime().block_on(async {
+            for backend in BACKENDS {
+                let s = Site::start(env, backend).await;
+                let (bob, _) = s.login("bob", PASSWORD).await;
+                let mut big = vec![0u8; 20 * 1024 * 1024];
+                getrandom::fill(&mut big).unwrap();
+                let notes = b"line one\r\nline two\r\n".to_vec();
+                let message = mail_builder::MessageBuilder::new()
+                    .from(("Alice", "alice@a.test"))
+                    .to("bob@a.test")
+                    .subject("big attachment")
+                    .text_body("see attached")
+                    .attachment("application/octet-stream", "random.bin", big.clone())
+                    .attachment("text/plain", "notes.txt", notes.clone())
+                    .write_to_vec()
+                    .unwrap();
+                let account = s.t.store.account("bob@a.test").await.unwrap();
+                let inbox = s.t.store.mailbox(account.id, "INBOX").await.unwrap();
+                let request = qutemail_vault::AppendRequest::default();
+                let appended = s
+                    .vault
+                    .append_plain(
+                        &s.t.store,
+                        inbox.id,
+                        qutemail_vault::Protection::Normal,
+                        &request,
+                        zeroize::Zeroizing::new(message),
+                    )
+                    .await
+                    .unwrap();
+                let id = appended.unique_id;
+                let auth = format!("Bearer {bob}");
+
+                // The attachment list the UI shows names what the indexes download.
+                let (st, view) =
+                    s.json(Method::GET, &format!("/api/mail/{id}/decrypt/"), Some(&bob), None).await;
+                assert_eq!(st, StatusCode::OK);
+                assert_eq!(view["attachments"][0]["filename"], "random.bin");
+                assert_eq!(view["attachments"][0]["size"].as_u64(), Some(big.len() as u64));
+                assert_eq!(view["attachments"][1]["filename"], "notes.txt");
+
+                let path0 = format!("/api/mail/{id}/attachments/0/");
+                let (st, headers, got) = s.send(Method::GET, &path0, &[("authorization", &auth)], "").await;
+                assert_eq!(st, StatusCode::OK);
+                assert_eq!(headers["content-type"], "application/octet-stream");
+                assert_eq!(
+                    headers["content-disposition"],
+                    "attachment; filename=\"random.bin\"; filename*=UTF-8''random%2Ebin"
+                );
+                assert_eq!(headers.get("transfer-encoding").map(|v| v.to_str().unwrap()), Some("chunked"));
+                assert!(
+                    got.len() == big.len() && got[..] == big[..],
+                    "the 20 MB attachment downloads intact"
+                );
+                let path = format!("/api/mail/{id}/attachments/1/");
+                let (st, headers, got) = s.send(Method::GET, &path, &[("authorization", &auth)], "").await;
+                assert_eq!((st, headers["content-type"].to_str().unwrap()), (StatusCode::OK, "text/plain"));
+                assert_eq!(&got[..], &notes[..]);
+                let (st, v) =
+                    s.json(Method::GET, &format!("/api/mail/{id}/attachments/2/"), Some(&bob), None).await;
+                assert_eq!(st, StatusCode::NOT_FOUND);
+                assert_eq!(
+                    (v["error"]["code"].as_str(), v["error"]["message"].as_str()),
+                    (Some("not_found"), Some("no such attachment"))
+                );
+
+                // Alter a byte in the sealed blob's last chunk: the attachment's headers and most
+                // of its bytes verify and go out, but the download must fail, not end short.
+                let blob = file_larger_than(&s.t.dir.path().join("blobs"), 20 * 1024 * 1024);
+                let mut sealed = std::fs::read(&blob).unwrap();
+                let at = sealed.len() - 40;
+                sealed[at] ^= 1;
+                std::fs::write(&blob, &sealed).unwrap();
+                let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+                let connector = tokio_rustls::TlsConnector::from(s.tls.clone());
+                let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+                let tls = connector.connect(name, tcp).await.unwrap();
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+                tokio::spawn(conn);
+                let req = hyper::Request::get(format!("/api/mail/{id}/attachments/0/"))
+                    .header("host", "127.0.0.1")
+                    .header("authorization", &auth)
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                let res = sender.send_request(req).await.unwrap();
+                assert_eq!(res.status(), StatusCode::OK, "the part's headers verified before the damage");
+                let body = http_body_util::BodyExt::collect(res.into_body()).await;
+                assert!(
+                    body.is_err(),
+                    "a download whose end does not verify is aborted, not delivered short"
+                );
+
+                // Damage the first chunk too: nothing verifies before the attachment is found, so
+                // the message is answered as reading shows it, with the sealed original attached.
+                sealed[100] ^= 1;
+                std::fs::write(&blob, &sealed).unwrap();
+                let (st, headers, got) = s.send(Method::GET, &path0, &[("authorization", &auth)], "").await;
+                assert_eq!(st, StatusCode::OK);
+                assert!(headers["content-disposition"].to_str().unwrap().contains("sealed-message.eml"));
+                assert!(got[..] == sealed[..], "the sealed original, as stored");
+            }
+        })
+    });
+
+    /// The one file under `dir` larger than `size` bytes (the sealed big message).
+    fn file_larger_than(dir: &std::path::Path, size: u64) -> std::path::PathBuf {
+        let mut found = Vec::new();
+        let mut dirs = vec![dir.to_owned()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                let meta = e.metadata().unwrap();
+                if meta.is_dir() {
+                    dirs.push(e.path());
+                } else if meta.len() > size {
+                    found.push(e.path());
+                }
+            }
+        }
+        assert_eq!(found.len(), 1, "{found:?}");
+        found.remove(0)
+    }
+}

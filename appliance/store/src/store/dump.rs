@@ -36,11 +36,12 @@ pub const DUMP_TABLES: &[&str] = &[
     "web_uploads",
     "web_sent",
     "peer_deliveries",
+    "delivery_records",
 ];
 
 /// Tables that hold mail (or its traces): a store with a row in any of them is not replaced by
 /// a dump.
-const MAIL_TABLES: &[&str] = &["messages", "queue_messages", "web_uploads", "web_sent"];
+const MAIL_TABLES: &[&str] = &["messages", "queue_messages", "web_uploads", "web_sent", "delivery_records"];
 
 /// Tables whose `id` column is generated (PostgreSQL identity): their sequences are moved past
 /// the loaded ids so that new rows do not collide with restored ones.

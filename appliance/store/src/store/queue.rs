@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use sqlx::Row as _;
 use tokio::io::AsyncRead;
 
+use super::delivery::{DeliveryProtection, FinalOutcome};
 use super::{Store, int, ms_of, now_ms, random_hex, time_of, u64_of};
 use crate::db::DbResult as _;
 use crate::error::StoreError;
@@ -145,6 +146,9 @@ pub struct QueueListing {
     pub recipients: Vec<(String, String, u32, SystemTime, Option<String>)>,
 }
 
+/// The last reply recorded for a recipient whose message an operator removed from the queue.
+pub const DELETED_BY_OPERATOR: &str = "removed from the queue by the operator before delivery";
+
 fn domain_of(address: &str) -> Result<String, StoreError> {
     address.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).filter(|d| !d.is_empty()).ok_or_else(|| {
         StoreError::Invalid { what: "recipient", reason: format!("{address:?} has no domain") }
@@ -277,9 +281,23 @@ impl Store {
         Ok(self.inner.blobs.get(&message.blob_id).await?)
     }
 
-    /// Records what happened to recipients (by [`QueuedRecipient::id`]). A message whose
-    /// recipients are all done is removed with its blob.
+    /// Records what happened to recipients (by [`QueuedRecipient::id`]) without saying how the
+    /// attempt went out: [`Store::record_delivery_outcomes`] with `None`.
     pub async fn record_queue_outcomes(&self, outcomes: &[(i64, QueueOutcome)]) -> Result<(), StoreError> {
+        self.record_delivery_outcomes(outcomes, None).await
+    }
+
+    /// Records what happened to recipients (by [`QueuedRecipient::id`]) in one delivery attempt
+    /// that went out as `sent_as` (`None`: nothing was sent, e.g. no route or a policy refusal).
+    /// A recipient that is now done (delivered or failed) gets its delivery record
+    /// ([`Store::delivery_status`]) in the same transaction. A message whose recipients are all
+    /// done is removed with its blob; its records stay.
+    pub async fn record_delivery_outcomes(
+        &self,
+        outcomes: &[(i64, QueueOutcome)],
+        sent_as: Option<&DeliveryProtection>,
+    ) -> Result<(), StoreError> {
+        self.check_delivery_protection(sent_as)?;
         let now = now_ms();
         let mut tx = self.write().await?;
         let mut messages = Vec::new();
@@ -298,7 +316,8 @@ impl Store {
             let row = sqlx::query(
                 "UPDATE queue_recipients SET state = $1, next_attempt_at = $2, last_status = $3, last_reply = $4, \
                  remote = $5, attempts = attempts + 1, warned = CASE WHEN $6 < 0 THEN warned ELSE $6 END, \
-                 changed_at = $7, claimed_until = 0 WHERE id = $8 AND state = 'queued' RETURNING message_id",
+                 changed_at = $7, claimed_until = 0 WHERE id = $8 AND state = 'queued' \
+                 RETURNING message_id, address, attempts",
             )
             .bind(state)
             .bind(next)
@@ -313,6 +332,29 @@ impl Store {
             .db(self.b())?;
             if let Some(row) = row {
                 let m: i64 = row.try_get("message_id").db(self.b())?;
+                let done = match outcome {
+                    QueueOutcome::Delivered { remote, reply } => {
+                        Some((true, Some("2.0.0"), reply, Some(remote.as_str())))
+                    }
+                    QueueOutcome::Failed { status, reply, remote } => {
+                        Some((false, Some(status.as_str()), reply, remote.as_deref()))
+                    }
+                    QueueOutcome::Retry { .. } => None,
+                };
+                if let Some((delivered, status, reply, remote)) = done {
+                    let address: String = row.try_get("address").db(self.b())?;
+                    let final_outcome = FinalOutcome {
+                        message_id: m,
+                        recipient: &address,
+                        attempts: row.try_get("attempts").db(self.b())?,
+                        delivered,
+                        status,
+                        reply,
+                        remote,
+                        sent_as,
+                    };
+                    self.record_final_outcome(&mut tx, &final_outcome).await?;
+                }
                 if !messages.contains(&m) {
                     messages.push(m);
                 }
@@ -403,6 +445,7 @@ impl Store {
     }
 
     /// Removes message `queue_id` from the queue with its blob, whatever its recipients' state.
+    /// The recipients still waiting get a `bounced` delivery record ([`DELETED_BY_OPERATOR`]).
     /// Returns the recipients that were still waiting (whom a bounce should name), or `None`
     /// when there is no such message. A delivery attempt already under way is not interrupted:
     /// its outcome finds no row and is dropped.
@@ -430,6 +473,20 @@ impl Store {
         let mut waiting = Vec::new();
         for row in &rows {
             waiting.push(self.queued_recipient_of(row, row.try_get("rid").map_err(d)?)?);
+        }
+        // Whoever was still waiting will not get it: bounced, as far as the sender can tell.
+        for r in &waiting {
+            let removed = FinalOutcome {
+                message_id: id,
+                recipient: &r.address,
+                attempts: i64::from(r.attempts),
+                delivered: false,
+                status: Some("5.0.0"),
+                reply: DELETED_BY_OPERATOR,
+                remote: None,
+                sent_as: None,
+            };
+            self.record_final_outcome(&mut tx, &removed).await?;
         }
         sqlx::query("DELETE FROM queue_recipients WHERE message_id = $1")
             .bind(id)
