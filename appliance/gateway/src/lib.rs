@@ -12,6 +12,7 @@ pub mod commands;
 pub mod config;
 pub mod inbound_auth;
 pub mod operator;
+pub mod secret_input;
 pub mod serve;
 pub mod smtp_host;
 pub mod systemd;

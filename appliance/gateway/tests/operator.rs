@@ -354,3 +354,85 @@ fn errors_name_the_file_and_help_explains_every_flag() {
         assert!(help.contains(word), "{word} in:\n{help}");
     }
 }
+
+/// What a terminal shows while `qutemailctl` runs on it with `typed` lines typed at its
+/// prompts (tests/tty_secret.py, Python's pty): the exit code and the transcript.
+/// The test's SoftHSM configuration (`SOFTHSM2_CONF`) passes on through the environment.
+fn at_terminal(config: &Path, args: &[&str], typed: &[&str]) -> (i32, String) {
+    let python = std::env::var("QUTEMAIL_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tty_secret.py"))
+        .args(typed)
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_qutemailctl"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "tty_secret.py: {}", err(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (report["status"].as_i64().unwrap() as i32, report["transcript"].as_str().unwrap().to_owned())
+}
+
+#[test]
+fn secrets_typed_at_a_terminal_are_not_shown_and_new_ones_are_asked_twice() {
+    isolated("secrets_typed_at_a_terminal_are_not_shown_and_new_ones_are_asked_twice", &[TOKEN], |env| {
+        let dir = &env.dir;
+        write_tls(dir, "tty test CA", &["localhost", "127.0.0.1"]);
+        let config_path = dir.join("qutemail.toml");
+        std::fs::write(&config_path, config(dir, &env.pin_file, "127.0.0.1:9", "")).unwrap();
+        let c = config_path.as_path();
+
+        // A new account's password: prompted, not echoed, asked twice.
+        let (status, shown) = at_terminal(c, &["users", "add", "dave@a.test"], &["tty-pass-1", "tty-pass-1"]);
+        assert_eq!(status, 0, "{shown}");
+        assert!(shown.contains("New password: ") && shown.contains("Again, to confirm: "), "{shown}");
+        assert!(shown.contains("created dave@a.test"), "{shown}");
+        assert!(!shown.contains("tty-pass-1"), "the password was shown: {shown}");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let store = runtime.block_on(qutemail_store::Store::open(qutemail_store::StoreConfig::sqlite(
+            dir.join("mail.sqlite"),
+            dir.join("blobs"),
+        )));
+        let store = store.unwrap();
+        assert!(runtime.block_on(store.authenticate("dave@a.test", "tty-pass-1")).is_ok());
+
+        // Two different entries: refused, no account.
+        let (status, shown) = at_terminal(c, &["users", "add", "erin@a.test"], &["tty-pass-2", "tty-pass-3"]);
+        assert_ne!(status, 0, "{shown}");
+        assert!(shown.contains("the two entries differ"), "{shown}");
+        assert!(!shown.contains("tty-pass-2") && !shown.contains("tty-pass-3"), "{shown}");
+        refused(c, &["users", "show", "erin@a.test"], None);
+
+        // A backup passphrase is asked twice. (The site's keys, which a backup holds, are made
+        // by its first start or `qutemail site-card`.)
+        let card = Command::new(env!("CARGO_BIN_EXE_qutemail"))
+            .args([
+                "site-card",
+                "--config",
+                c.to_str().unwrap(),
+                "--out",
+                dir.join("card.json").to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(card.status.success(), "qutemail site-card: {}", err(&card));
+        let archive = dir.join("site.qmbackup");
+        let passphrase = "terminal passphrase 2026";
+        let (status, shown) =
+            at_terminal(c, &["backup", "--out", archive.to_str().unwrap()], &[passphrase, passphrase]);
+        assert_eq!(status, 0, "{shown}");
+        assert!(shown.contains("Backup passphrase: ") && shown.contains("Again, to confirm: "), "{shown}");
+        assert!(!shown.contains(passphrase), "the passphrase was shown: {shown}");
+        assert!(archive.exists());
+        let (status, shown) = at_terminal(
+            c,
+            &["backup", "--out", dir.join("other.qmbackup").to_str().unwrap()],
+            &[passphrase, "terminal passphrase 2027"],
+        );
+        assert_ne!(status, 0, "{shown}");
+        assert!(shown.contains("the two entries differ") && !dir.join("other.qmbackup").exists(), "{shown}");
+        runtime.block_on(store.close());
+    });
+}

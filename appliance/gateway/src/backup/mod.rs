@@ -44,6 +44,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use zeroize::Zeroizing;
 
 use crate::config::GatewayConfig;
+use crate::secret_input::{Confirm, read_secret_line};
 use archive::{ArchiveKeys, Header, KdfParams, tag};
 use rewrap::Direction;
 
@@ -130,25 +131,25 @@ pub enum BackupError {
         /// What is wrong.
         reason: String,
     },
+    // The cause is part of these messages and deliberately not a `source()`: printed as an
+    // error chain (`{:#}`), it would be said twice.
     /// A file could not be read or written.
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}: {cause}", path.display())]
     Io {
         /// What was being done.
         what: &'static str,
         /// The file.
         path: PathBuf,
         /// The OS error.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The archive could not be written (e.g. the disk is full).
-    #[error("writing the backup {}: {source}", path.display())]
+    #[error("writing the backup {}: {cause}", path.display())]
     WriteArchive {
         /// The file being written.
         path: PathBuf,
         /// What failed.
-        #[source]
-        source: qutemail_envelope::EnvelopeError,
+        cause: qutemail_envelope::EnvelopeError,
     },
     /// A bug or a failed worker.
     #[error("internal error: {0}")]
@@ -156,7 +157,7 @@ pub enum BackupError {
 }
 
 fn io<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> BackupError + 'p {
-    move |source| BackupError::Io { what, path: path.to_owned(), source }
+    move |cause| BackupError::Io { what, path: path.to_owned(), cause }
 }
 
 /// Who made the archive; the first record, so a restore refuses a wrong site before writing.
@@ -311,9 +312,9 @@ pub struct RestoreReport {
     pub replaced_accounts: Vec<String>,
 }
 
-/// Reads a passphrase: the first line of `file`, or of standard input when `None`. The line
-/// break is not part of it.
-pub fn read_passphrase(file: Option<&Path>) -> Result<Zeroizing<String>, BackupError> {
+/// Reads a passphrase: the first line of `file`, or of standard input when `None` (typed at a
+/// terminal: without echo, and with `confirm` asked twice). The line break is not part of it.
+pub fn read_passphrase(file: Option<&Path>, confirm: Confirm) -> Result<Zeroizing<String>, BackupError> {
     let mut text = Zeroizing::new(String::new());
     match file {
         Some(path) => {
@@ -323,11 +324,8 @@ pub fn read_passphrase(file: Option<&Path>) -> Result<Zeroizing<String>, BackupE
             text.push_str(s.lines().next().unwrap_or(""));
         }
         None => {
-            std::io::stdin()
-                .read_line(&mut text)
+            text = read_secret_line("Backup passphrase: ", confirm)
                 .map_err(|e| BackupError::Passphrase(format!("reading standard input: {e}")))?;
-            let len = text.trim_end_matches(['\r', '\n']).len();
-            text.truncate(len);
         }
     }
     if text.is_empty() {
@@ -473,7 +471,7 @@ async fn write_archive(
     let sealed = sealer.await.map_err(|e| BackupError::Internal(e.to_string()))?;
     // The sealing thread's failure (a full disk, say) is the cause; the pipe error the record
     // writer saw then is only its consequence.
-    let file = sealed.map_err(|source| BackupError::WriteArchive { path: partial.to_owned(), source })?;
+    let file = sealed.map_err(|cause| BackupError::WriteArchive { path: partial.to_owned(), cause })?;
     let manifest = records?;
     let file = file.into_inner().map_err(|e| io("writing", partial)(e.into_error()))?;
     file.sync_all().map_err(io("syncing", partial))?;
@@ -545,7 +543,7 @@ async fn write_records(
                 let n = reader.read(&mut buf).await.map_err(|e| BackupError::Io {
                     what: "reading the blob",
                     path: PathBuf::from(id),
-                    source: e,
+                    cause: e,
                 })?;
                 if n == 0 {
                     break;
@@ -902,7 +900,7 @@ pub async fn run_backup(
     passphrase_file: Option<&Path>,
 ) -> anyhow::Result<std::process::ExitCode> {
     let config = GatewayConfig::load(config_path)?;
-    let passphrase = read_passphrase(passphrase_file)?;
+    let passphrase = read_passphrase(passphrase_file, Confirm::Twice)?;
     let r = backup(&config, &passphrase, out, force, KdfParams::DEFAULT).await?;
     let m = &r.manifest;
     println!(
@@ -933,7 +931,7 @@ pub async fn run_restore(
     passphrase_file: Option<&Path>,
 ) -> anyhow::Result<std::process::ExitCode> {
     let config = GatewayConfig::load(config_path)?;
-    let passphrase = read_passphrase(passphrase_file)?;
+    let passphrase = read_passphrase(passphrase_file, Confirm::Once)?;
     let r = restore(&config, &passphrase, input).await?;
     let m = &r.manifest;
     println!(

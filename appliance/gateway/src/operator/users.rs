@@ -1,6 +1,5 @@
 //! `qutemailctl users …`: the site's mail accounts in the store.
 
-use std::io::BufRead as _;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -9,14 +8,13 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use super::{OperatorError, domain_of, load, print_json, unix};
+use crate::secret_input::{Confirm, read_secret_line};
 use crate::wiring;
 
-/// Reads a password from the first line of standard input (never from the command line, where
-/// other users could see it).
+/// Reads a new password from the first line of standard input (never from the command line,
+/// where other users could see it); typed at a terminal, without echo and twice.
 fn password_from_stdin() -> Result<Zeroizing<String>, OperatorError> {
-    let mut line = Zeroizing::new(String::new());
-    std::io::stdin().lock().read_line(&mut line).map_err(OperatorError::Stdin)?;
-    let password = Zeroizing::new(line.trim_end_matches(['\r', '\n']).to_owned());
+    let password = read_secret_line("New password: ", Confirm::Twice).map_err(OperatorError::Stdin)?;
     if password.is_empty() {
         return Err(OperatorError::NoPassword);
     }
