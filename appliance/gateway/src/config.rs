@@ -262,10 +262,33 @@ pub struct QueueSection {
     /// The port of mail exchangers (default 25; tests use their own).
     #[serde(default = "default_mx_port")]
     pub mx_port: u16,
+    /// Most delivery attempts in flight to one next hop: a peer site, the smarthost, or one
+    /// domain's mail exchangers (default 4, at least 1).
+    #[serde(default = "default_parallel_per_destination", deserialize_with = "at_least_one")]
+    pub parallel_per_destination: std::num::NonZeroUsize,
+    /// Most delivery attempts in flight in all (default 16, at least 1).
+    #[serde(default = "default_parallel_total", deserialize_with = "at_least_one")]
+    pub parallel_total: std::num::NonZeroUsize,
 }
 
 fn default_mx_port() -> u16 {
     25
+}
+
+fn default_parallel_per_destination() -> std::num::NonZeroUsize {
+    qutemail_queue::Parallelism::default().per_destination
+}
+
+fn default_parallel_total() -> std::num::NonZeroUsize {
+    qutemail_queue::Parallelism::default().total
+}
+
+/// A count of attempts at once: 0 would stop delivery altogether, so it is refused.
+fn at_least_one<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::num::NonZeroUsize, D::Error> {
+    let n = usize::deserialize(d)?;
+    std::num::NonZeroUsize::new(n).ok_or_else(|| {
+        serde::de::Error::custom("must be at least 1 (0 attempts at once would never deliver anything)")
+    })
 }
 
 // By hand: an absent [queue] must get the same defaults as an empty one.
@@ -278,6 +301,8 @@ impl Default for QueueSection {
             retry: Default::default(),
             mx_routing: true,
             mx_port: default_mx_port(),
+            parallel_per_destination: default_parallel_per_destination(),
+            parallel_total: default_parallel_total(),
         }
     }
 }
@@ -522,5 +547,19 @@ site_card = "peers/b.json"
         let e = GatewayConfig::parse(&text, Path::new("/etc/q.toml")).unwrap_err().to_string();
         assert!(e.starts_with("/etc/q.toml:20:18: key `linked_default`: "), "{e}");
         assert!(e.contains("quantum"), "{e}");
+    }
+
+    #[test]
+    fn queue_parallelism_defaults_reads_and_refuses_zero() {
+        let c = GatewayConfig::parse(GOOD, Path::new("/etc/q.toml")).unwrap();
+        assert_eq!((c.queue.parallel_per_destination.get(), c.queue.parallel_total.get()), (4, 16));
+        let set = format!("{GOOD}\n[queue]\nparallel_per_destination = 2\nparallel_total = 40\n");
+        let c = GatewayConfig::parse(&set, Path::new("/etc/q.toml")).unwrap();
+        assert_eq!((c.queue.parallel_per_destination.get(), c.queue.parallel_total.get()), (2, 40));
+        for key in ["parallel_per_destination", "parallel_total"] {
+            let zero = format!("{GOOD}\n[queue]\n{key} = 0\n");
+            let e = GatewayConfig::parse(&zero, Path::new("/etc/q.toml")).unwrap_err().to_string();
+            assert!(e.contains(&format!("key `{key}`: must be at least 1")), "{e}");
+        }
     }
 }

@@ -164,7 +164,11 @@ pub fn queue(
             poll: std::time::Duration::from_secs(5),
             key_wait_retry: std::time::Duration::from_secs(10),
         },
-    ))
+    )
+    .with_parallelism(qutemail_queue::Parallelism {
+        per_destination: q.parallel_per_destination,
+        total: q.parallel_total,
+    }))
 }
 
 /// What the web API needs besides the store, vault and queue: its token signing key

@@ -3,7 +3,8 @@
 //! [`OutboundQueue::submit`] seals a message at rest (HSM-wrapped data key) and stores it with
 //! its SMTP envelope in the mail store's queue tables (`qutemail-store`), durably, before the
 //! SMTP server answers 250. [`OutboundQueue::run`] claims due recipients (a lease keeps other
-//! gateway nodes off them), and per message and destination domain: for a peer site, takes
+//! gateway nodes off them) and attempts them concurrently, bounded per next hop and overall
+//! ([`Parallelism`]), and per message and destination domain: for a peer site, takes
 //! fresh QKD keys and seals the message (`qutemail-vault`, the site's policy picks the mode) and
 //! relays it over STARTTLS to the peer's gateway (`qutemail-smtp` client); for other domains,
 //! relays it through the configured smarthost or, without one, to the domain's mail exchangers
@@ -35,5 +36,5 @@ pub use dsn::{DsnAction, DsnRequest, RecipientReport, build_dsn};
 pub use mail_auth;
 pub use qutemail_telemetry::{GatewayMetrics, WaitReason};
 pub use retry::{NextStep, RetryPolicy};
-pub use runner::{MxRouting, OutboundQueue, QueueError, QueueSettings, Route, wait_reason};
+pub use runner::{MxRouting, OutboundQueue, Parallelism, QueueError, QueueSettings, Route, wait_reason};
 pub use submission::{Submission, SubmitError, Submitted, submit};

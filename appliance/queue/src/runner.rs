@@ -3,6 +3,7 @@
 //! STARTTLS — retries with back-off, and reports failures and delays to local senders.
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -15,7 +16,8 @@ use qutemail_store::{
 use qutemail_telemetry::{GatewayMetrics, WaitReason};
 use qutemail_vault::{AppendRequest, MailVault, Protection, SealOrder, StoredProtection, VaultError};
 use tokio::io::AsyncReadExt as _;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
 use zeroize::Zeroizing;
 
 use crate::dkim::DkimSigning;
@@ -91,6 +93,32 @@ pub struct QueueSettings {
     pub key_wait_retry: Duration,
 }
 
+/// How many delivery attempts a queue round runs at once: at most `per_destination` to one next
+/// hop (a peer site's gateway, the smarthost, or one domain's mail exchangers) and at most
+/// `total` in all. One slow or unreachable next hop then holds up only its own mail, and a busy
+/// peer link is served over several SMTP sessions at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parallelism {
+    /// Most attempts in flight to one next hop (default 4).
+    pub per_destination: NonZeroUsize,
+    /// Most attempts in flight in all (default 16).
+    pub total: NonZeroUsize,
+}
+
+impl Parallelism {
+    /// One attempt after another: how the queue worked before attempts ran concurrently.
+    pub const SEQUENTIAL: Self = Self { per_destination: NonZeroUsize::MIN, total: NonZeroUsize::MIN };
+}
+
+impl Default for Parallelism {
+    fn default() -> Self {
+        Self {
+            per_destination: NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN),
+            total: NonZeroUsize::new(16).unwrap_or(NonZeroUsize::MIN),
+        }
+    }
+}
+
 /// The queue could not take or handle a message.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -117,6 +145,7 @@ struct Inner {
     settings: QueueSettings,
     wake: Notify,
     metrics: GatewayMetrics,
+    parallelism: Parallelism,
 }
 
 impl std::fmt::Debug for OutboundQueue {
@@ -158,7 +187,24 @@ impl OutboundQueue {
     /// A queue over the site's store and vault.
     pub fn new(store: Store, vault: MailVault, settings: QueueSettings) -> Self {
         let metrics = GatewayMetrics::new();
-        Self { inner: Arc::new(Inner { store, vault, settings, wake: Notify::new(), metrics }) }
+        let parallelism = Parallelism::default();
+        Self { inner: Arc::new(Inner { store, vault, settings, wake: Notify::new(), metrics, parallelism }) }
+    }
+
+    /// This queue (same store, vault, settings and metrics) running at most `parallelism`
+    /// delivery attempts at once (default: [`Parallelism::default`]). Call it at start-up,
+    /// before the queue runs.
+    pub fn with_parallelism(self, parallelism: Parallelism) -> Self {
+        let i = &self.inner;
+        let inner = Inner {
+            store: i.store.clone(),
+            vault: i.vault.clone(),
+            settings: i.settings.clone(),
+            wake: Notify::new(),
+            metrics: i.metrics.clone(),
+            parallelism,
+        };
+        Self { inner: Arc::new(inner) }
     }
 
     /// This queue (same store, vault and settings), counting sent, deferred and bounced mail
@@ -172,6 +218,7 @@ impl OutboundQueue {
             settings: i.settings.clone(),
             wake: Notify::new(),
             metrics,
+            parallelism: i.parallelism,
         };
         Self { inner: Arc::new(inner) }
     }
@@ -277,21 +324,103 @@ impl OutboundQueue {
         }
     }
 
-    /// One round: claims due recipients and attempts them. Returns how many groups were tried.
+    /// One round: claims due recipients and attempts them concurrently, at most
+    /// [`Parallelism::per_destination`] to one next hop and [`Parallelism::total`] in all; each
+    /// attempt records its outcome as soon as it ends. Returns how many groups were tried once
+    /// every attempt of the round has ended; an outcome that could not be recorded (logged)
+    /// makes the round fail with the first such error.
     pub async fn run_once(&self) -> Result<usize, QueueError> {
         let s = &self.inner.settings;
         let due = self.inner.store.claim_due(SystemTime::now(), s.lease, s.batch).await?;
         let n = due.len();
+        // The lease. A claimed delivery should be finished before its lease ends, or another
+        // runner may claim and send it again. Its claim-to-outcome time is its wait for a slot
+        // plus its own attempt (at worst T, bounded by the SMTP client's timeouts): with k
+        // deliveries of this batch bound for its next hop, at most ceil(k / per_destination)
+        // attempts in a row, each ≤ T (and ceil(batch / total) for the overall bound). One after
+        // another it was up to `batch` × T, so running concurrently never makes a claim outlive
+        // its lease where it did not before; it shortens the round. The bound itself is unchanged
+        // by this: a next hop that stalls at every step until the client's RFC 5321 timeouts can
+        // hold one attempt longer than a short lease. On SQLite that cannot matter, since this
+        // runner is the only claimer and claims nothing new until its round is over (its claims
+        // never overlap); with several nodes another one could then try the same recipients
+        // (at-least-once; a peer site drops repeats). After a crash the recipients in flight are
+        // claimed again once their lease ends.
+        let p = self.inner.parallelism;
+        let overall = Arc::new(Semaphore::new(p.total.get()));
+        let mut per_hop: HashMap<String, Arc<Semaphore>> = HashMap::new();
+        let mut attempts = JoinSet::new();
         for delivery in due {
-            let (outcomes, sent_as) = self.attempt(&delivery).await;
-            self.inner.store.record_delivery_outcomes(&outcomes, sent_as.as_ref()).await?;
+            let hop = per_hop
+                .entry(self.next_hop(&delivery.domain))
+                .or_insert_with(|| Arc::new(Semaphore::new(p.per_destination.get())))
+                .clone();
+            let overall = overall.clone();
+            let queue = self.clone();
+            attempts.spawn(async move {
+                // The next hop's slot first: a delivery waiting for its busy next hop holds no
+                // overall slot that mail to another destination could use. The semaphores are
+                // never closed, so acquiring cannot fail.
+                let _hop = hop.acquire_owned().await.ok();
+                let _slot = overall.acquire_owned().await.ok();
+                queue.deliver(&delivery).await
+            });
         }
-        Ok(n)
+        let mut unrecorded = None;
+        while let Some(ended) = attempts.join_next().await {
+            match ended {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    unrecorded.get_or_insert(e);
+                }
+                // Its recipients stay claimed until the lease ends, then are tried again.
+                Err(e) => tracing::error!(error = %e, "a delivery attempt ended abnormally"),
+            }
+        }
+        unrecorded.map_or(Ok(n), Err)
     }
 
-    /// One delivery attempt of `d`: the recipients' outcomes, and how the message went out
-    /// when it reached the next hop (for the delivery records).
-    async fn attempt(&self, d: &QueuedDelivery) -> (Vec<(i64, QueueOutcome)>, Option<DeliveryProtection>) {
+    /// The next hop mail for `domain` goes to, as [`Self::attempt`] routes it: the peer site's
+    /// gateway or the smarthost (`host:port`: two peer domains served by one gateway share it),
+    /// else the domain itself, whose mail exchangers are looked up at each attempt. The
+    /// per-destination bound counts attempts by this key.
+    fn next_hop(&self, domain: &str) -> String {
+        match self.route(domain) {
+            Some((route, _)) => format!("smtp:{}", route.target.to_ascii_lowercase()),
+            None => format!("mx:{}", domain.to_ascii_lowercase()),
+        }
+    }
+
+    /// Attempts `d` and records its outcome. The sent, bounced and deferred counters and the
+    /// "delivered" log follow the record: a recipient whose outcome could not be recorded is
+    /// not reported delivered (it stays claimed until the lease ends and is tried again).
+    async fn deliver(&self, d: &QueuedDelivery) -> Result<(), QueueError> {
+        let attempt = self.attempt(d).await;
+        if let Err(e) =
+            self.inner.store.record_delivery_outcomes(&attempt.outcomes, attempt.sent_as.as_ref()).await
+        {
+            tracing::error!(queue_id = %d.message.queue_id, recipients = d.recipients.len(), error = %e,
+                "cannot record the outcome of a delivery attempt; it will be tried again when its claim ends");
+            return Err(e.into());
+        }
+        let metrics = &self.inner.metrics;
+        for tally in attempt.tallies {
+            match tally {
+                Tally::Sent { rcpt, remote, queued_for } => {
+                    tracing::info!(queue_id = %d.message.queue_id, %rcpt, %remote,
+                        protection = %attempt.mode, "delivered");
+                    metrics.message_sent(&attempt.route_label, attempt.mode.as_str(), queued_for);
+                }
+                Tally::Bounced => metrics.message_bounced(&attempt.route_label),
+                Tally::Deferred(reason) => metrics.message_deferred(&attempt.route_label, reason),
+            }
+        }
+        Ok(())
+    }
+
+    /// One delivery attempt of `d`: the recipients' outcomes, how the message went out when it
+    /// reached the next hop (for the delivery records), and what to count once recorded.
+    async fn attempt(&self, d: &QueuedDelivery) -> Attempt {
         let s = &self.inner.settings;
         let age = SystemTime::now().duration_since(d.message.created_at).unwrap_or_default();
         let transient = |status: &str, reply: String, remote: Option<String>| -> Vec<Attempted> {
@@ -362,23 +491,26 @@ impl OutboundQueue {
             },
         };
         let mut outcomes = Vec::new();
+        let mut tallies = Vec::new();
         let mut failed = Vec::new();
         let mut delayed = Vec::new();
         for a in results {
             let id = a.recipient.id;
             match a.result {
                 Tried::Delivered(remote, reply) => {
-                    tracing::info!(queue_id = %d.message.queue_id, rcpt = %a.recipient.address, %remote,
-                        protection = %mode, "delivered");
                     let queued_for =
                         SystemTime::now().duration_since(d.message.created_at).unwrap_or_default();
-                    self.inner.metrics.message_sent(&route_label, mode.as_str(), queued_for);
+                    tallies.push(Tally::Sent {
+                        rcpt: a.recipient.address.clone(),
+                        remote: remote.clone(),
+                        queued_for,
+                    });
                     outcomes.push((id, QueueOutcome::Delivered { remote, reply }));
                 }
                 Tried::Permanent(status, reply, remote) => {
                     tracing::warn!(queue_id = %d.message.queue_id, rcpt = %a.recipient.address, %status, %reply, "bounced");
                     failed.push(report(&a.recipient, DsnAction::Failed, &status, &reply, &remote));
-                    self.inner.metrics.message_bounced(&route_label);
+                    tallies.push(Tally::Bounced);
                     outcomes.push((id, QueueOutcome::Failed { status, reply, remote }));
                 }
                 Tried::Transient(status, reply, remote) => match s
@@ -391,7 +523,7 @@ impl OutboundQueue {
                         tracing::warn!(queue_id = %d.message.queue_id, rcpt = %a.recipient.address, %status,
                             "bounced: gave up");
                         failed.push(report(&a.recipient, DsnAction::Failed, &status, &reply, &remote));
-                        self.inner.metrics.message_bounced(&route_label);
+                        tallies.push(Tally::Bounced);
                         outcomes.push((id, QueueOutcome::Failed { status, reply, remote }));
                     }
                     NextStep::RetryIn(delay) => {
@@ -406,7 +538,7 @@ impl OutboundQueue {
                         let reason = wait_reason(Some(&reply));
                         tracing::info!(queue_id = %d.message.queue_id, rcpt = %a.recipient.address, %reason,
                             %reply, retry_in_s = delay.as_secs(), "delivery deferred");
-                        self.inner.metrics.message_deferred(&route_label, reason);
+                        tallies.push(Tally::Deferred(reason));
                         outcomes.push((
                             id,
                             QueueOutcome::Retry {
@@ -437,7 +569,7 @@ impl OutboundQueue {
                 ..Default::default()
             })
         });
-        (outcomes, sent_as)
+        Attempt { outcomes, sent_as, tallies, route_label, mode }
     }
 
     async fn load(&self, d: &QueuedDelivery) -> Result<Zeroizing<Vec<u8>>, QueueError> {
@@ -677,6 +809,27 @@ enum Prepared {
     Refuse(String),
     /// A local problem (signing): retry once the operator fixed it.
     Local(String),
+}
+
+/// What one delivery attempt came to.
+struct Attempt {
+    /// Each recipient's outcome, for the store.
+    outcomes: Vec<(i64, QueueOutcome)>,
+    /// How the message went out, when the next hop answered.
+    sent_as: Option<DeliveryProtection>,
+    /// What the metrics count once the outcomes are recorded.
+    tallies: Vec<Tally>,
+    /// The metrics' route label.
+    route_label: String,
+    /// The protection applied.
+    mode: Protection,
+}
+
+/// One recipient's count in the metrics.
+enum Tally {
+    Sent { rcpt: String, remote: String, queued_for: Duration },
+    Bounced,
+    Deferred(WaitReason),
 }
 
 struct Attempted {
