@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use common::{LOOPBACK_SMTP, Running, listener, smarthost_queue, write_tls};
+use qutemail_e2e::files_under;
 use qutemail_hsm::testing::init_tokens;
 use qutemail_store::{DumpValue, Store, StoreConfig, StoreDump};
 
@@ -123,6 +124,14 @@ listen = "127.0.0.1:0"
         })
     }
 
+    /// Starts `qutemail serve`, reads both users' mailboxes over its IMAP, stops it.
+    fn served_mailboxes(&self) -> [serde_json::Value; 2] {
+        let (serving, ready) = self.serve();
+        let mailboxes = both_mailboxes(&listener(&ready, "imap"), &self.dir.join("ca.pem"));
+        drop(serving);
+        mailboxes
+    }
+
     fn blob_files(&self) -> usize {
         files_under(&self.dir.join("blobs/blobs")).len()
     }
@@ -143,20 +152,9 @@ fn snapshot(imap: &str, ca: &Path, user: &str, password: &str) -> serde_json::Va
     serde_json::from_str(&python(&["snapshot", imap, ca.to_str().unwrap(), user, password])).unwrap()
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for e in entries.flatten() {
-            match e.file_type() {
-                Ok(t) if t.is_dir() => stack.push(e.path()),
-                Ok(t) if t.is_file() => out.push(e.path()),
-                _ => {}
-            }
-        }
-    }
-    out
+/// Alice's and Bob's mailboxes (folders, flags, message bytes) read over IMAP at `imap`.
+fn both_mailboxes(imap: &str, ca: &Path) -> [serde_json::Value; 2] {
+    [snapshot(imap, ca, "alice@a.test", "alice-pass-1"), snapshot(imap, ca, "bob@a.test", "bob-pass-1")]
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -231,8 +229,7 @@ fn a_backup_taken_while_serving_restores_on_a_fresh_site_with_a_new_hsm_token() 
         &canary,
     ]);
     assert_eq!(populated.trim(), "ok");
-    let alice_before = snapshot(&addr("imap"), &ca1, "alice@a.test", "alice-pass-1");
-    let bob_before = snapshot(&addr("imap"), &ca1, "bob@a.test", "bob-pass-1");
+    let [alice_before, bob_before] = both_mailboxes(&addr("imap"), &ca1);
     let alice_messages = messages(&alice_before);
     assert!(alice_messages.iter().any(|(f, _)| f.contains("Projects/Z&APw-rich")), "{alice_before}");
     assert!(alice_messages.iter().any(|(_, m)| m["size"].as_u64().unwrap() > 3_000_000), "{alice_before}");
@@ -354,12 +351,9 @@ fn a_backup_taken_while_serving_restores_on_a_fresh_site_with_a_new_hsm_token() 
     );
 
     // Site 2 serves: each user reads exactly their mail, byte for byte, with flags and folders.
-    let (serving2, ready2) = two.serve();
-    let imap2 = listener(&ready2, "imap");
-    let ca2 = two.dir.join("ca.pem");
-    assert_eq!(snapshot(&imap2, &ca2, "alice@a.test", "alice-pass-1"), alice_before);
-    assert_eq!(snapshot(&imap2, &ca2, "bob@a.test", "bob-pass-1"), bob_before);
-    drop(serving2);
+    let [alice_after, bob_after] = two.served_mailboxes();
+    assert_eq!(alice_after, alice_before);
+    assert_eq!(bob_after, bob_before);
 
     // No plaintext anywhere on disk: both sites' every file, and the archive.
     let mut scanned = 0u64;
@@ -395,8 +389,7 @@ fn a_postgresql_site_backs_up_while_serving_and_restores_onto_sqlite() {
         "CANARY-pg",
     ];
     assert_eq!(python(&args).trim(), "ok");
-    let alice_before = snapshot(&addr("imap"), &ca1, "alice@a.test", "alice-pass-1");
-    let bob_before = snapshot(&addr("imap"), &ca1, "bob@a.test", "bob-pass-1");
+    let [alice_before, bob_before] = both_mailboxes(&addr("imap"), &ca1);
     let archive = scratch.path().join("pg.qmbackup");
     let out = one.ctl(&["backup", "--out", archive.to_str().unwrap()], Some(&format!("{PASSPHRASE}\n")));
     assert!(out.status.success(), "backup: {}", stderr(&out));
@@ -405,11 +398,8 @@ fn a_postgresql_site_backs_up_while_serving_and_restores_onto_sqlite() {
     let two = Site::new(&scratch.path().join("sqlite-site"), &relay, None);
     let out = two.ctl(&["restore", "--in", archive.to_str().unwrap()], Some(&format!("{PASSPHRASE}\n")));
     assert!(out.status.success(), "restore: {}", stderr(&out));
-    let (serving2, ready2) = two.serve();
-    let imap2 = listener(&ready2, "imap");
-    let ca2 = two.dir.join("ca.pem");
-    assert_eq!(snapshot(&imap2, &ca2, "alice@a.test", "alice-pass-1"), alice_before);
-    assert_eq!(snapshot(&imap2, &ca2, "bob@a.test", "bob-pass-1"), bob_before);
-    drop(serving2);
+    let [alice_after, bob_after] = two.served_mailboxes();
+    assert_eq!(alice_after, alice_before);
+    assert_eq!(bob_after, bob_before);
     drop(database);
 }

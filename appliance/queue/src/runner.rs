@@ -195,22 +195,20 @@ impl OutboundQueue {
     /// delivery attempts at once (default: [`Parallelism::default`]). Call it at start-up,
     /// before the queue runs.
     pub fn with_parallelism(self, parallelism: Parallelism) -> Self {
-        let i = &self.inner;
-        let inner = Inner {
-            store: i.store.clone(),
-            vault: i.vault.clone(),
-            settings: i.settings.clone(),
-            wake: Notify::new(),
-            metrics: i.metrics.clone(),
-            parallelism,
-        };
-        Self { inner: Arc::new(inner) }
+        let metrics = self.inner.metrics.clone();
+        self.rebuilt(metrics, parallelism)
     }
 
     /// This queue (same store, vault and settings), counting sent, deferred and bounced mail
     /// and delivery latency in `metrics`. Call it at start-up, before the queue runs: clones
     /// made earlier keep counting where they did.
     pub fn with_metrics(self, metrics: GatewayMetrics) -> Self {
+        let parallelism = self.inner.parallelism;
+        self.rebuilt(metrics, parallelism)
+    }
+
+    /// A new queue over the same store, vault and settings, with these metrics and bounds.
+    fn rebuilt(self, metrics: GatewayMetrics, parallelism: Parallelism) -> Self {
         let i = &self.inner;
         let inner = Inner {
             store: i.store.clone(),
@@ -218,7 +216,7 @@ impl OutboundQueue {
             settings: i.settings.clone(),
             wake: Notify::new(),
             metrics,
-            parallelism: i.parallelism,
+            parallelism,
         };
         Self { inner: Arc::new(inner) }
     }

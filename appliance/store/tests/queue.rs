@@ -79,27 +79,30 @@ async fn queued_messages_are_claimed_once_and_leave_when_done(t: TestStore) {
     let later = now + Duration::from_secs(300);
     let (bob, carol, dave) =
         (claimed[0].recipients[0].id, claimed[0].recipients[1].id, claimed[1].recipients[0].id);
-    s.record_queue_outcomes(&[
-        (bob, QueueOutcome::Delivered { remote: "mx.b.example".into(), reply: "250 2.0.0 ok".into() }),
-        (
-            carol,
-            QueueOutcome::Retry {
-                at: later,
-                status: "4.2.2".into(),
-                reply: "452 4.2.2 mailbox full".into(),
-                remote: Some("mx.b.example".into()),
-                warned: false,
-            },
-        ),
-        (
-            dave,
-            QueueOutcome::Failed {
-                status: "5.1.1".into(),
-                reply: "550 5.1.1 no such user".into(),
-                remote: None,
-            },
-        ),
-    ])
+    s.record_delivery_outcomes(
+        &[
+            (bob, QueueOutcome::Delivered { remote: "mx.b.example".into(), reply: "250 2.0.0 ok".into() }),
+            (
+                carol,
+                QueueOutcome::Retry {
+                    at: later,
+                    status: "4.2.2".into(),
+                    reply: "452 4.2.2 mailbox full".into(),
+                    remote: Some("mx.b.example".into()),
+                    warned: false,
+                },
+            ),
+            (
+                dave,
+                QueueOutcome::Failed {
+                    status: "5.1.1".into(),
+                    reply: "550 5.1.1 no such user".into(),
+                    remote: None,
+                },
+            ),
+        ],
+        None,
+    )
     .await
     .unwrap();
     let listing = s.queue_listing().await.unwrap();
@@ -125,10 +128,13 @@ async fn queued_messages_are_claimed_once_and_leave_when_done(t: TestStore) {
     // The last recipient done: the message and its blob leave the queue.
     let blob_files = || common::files_under(&t.config.blob_dir);
     let before = blob_files().len();
-    s.record_queue_outcomes(&[(
-        again[0].recipients[0].id,
-        QueueOutcome::Delivered { remote: "mx.b.example".into(), reply: "250 ok".into() },
-    )])
+    s.record_delivery_outcomes(
+        &[(
+            again[0].recipients[0].id,
+            QueueOutcome::Delivered { remote: "mx.b.example".into(), reply: "250 ok".into() },
+        )],
+        None,
+    )
     .await
     .unwrap();
     assert!(s.queue_listing().await.unwrap().is_empty());
@@ -180,7 +186,7 @@ async fn operators_retry_and_delete_queued_messages(t: TestStore) {
             outcomes.push((r.id, outcome));
         }
     }
-    s.record_queue_outcomes(&outcomes).await.unwrap();
+    s.record_delivery_outcomes(&outcomes, None).await.unwrap();
     assert!(s.claim_due(SystemTime::now(), Duration::from_secs(60), 100).await.unwrap().is_empty());
 
     // The message as an operator looks it up: only carol still waits.
@@ -196,7 +202,7 @@ async fn operators_retry_and_delete_queued_messages(t: TestStore) {
     let due = s.claim_due(SystemTime::now(), Duration::from_secs(60), 100).await.unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].recipients[0].address, "carol@b.example");
-    s.record_queue_outcomes(&[(due[0].recipients[0].id, retry(hour))]).await.unwrap();
+    s.record_delivery_outcomes(&[(due[0].recipients[0].id, retry(hour))], None).await.unwrap();
     // Retry everything: both waiting recipients become due.
     assert_eq!(s.retry_queued_now(None).await.unwrap(), 2);
     let due = s.claim_due(SystemTime::now(), Duration::from_secs(60), 100).await.unwrap();
@@ -217,7 +223,7 @@ async fn operators_retry_and_delete_queued_messages(t: TestStore) {
     let removed = s.delete_queued(&first).await.unwrap().unwrap();
     assert_eq!(removed.iter().map(|r| r.address.as_str()).collect::<Vec<_>>(), ["carol@b.example"]);
     assert_eq!(blob_files().len(), before - 1);
-    s.record_queue_outcomes(&[(carol.id, retry(hour))]).await.unwrap();
+    s.record_delivery_outcomes(&[(carol.id, retry(hour))], None).await.unwrap();
     assert!(s.delete_queued(&first).await.unwrap().is_none(), "deleted twice");
     assert!(s.queued_message(&first).await.unwrap().is_none());
     let listing = s.queue_listing().await.unwrap();

@@ -72,7 +72,7 @@ pub struct QueuedMessage {
 /// A recipient waiting for delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedRecipient {
-    /// Row id (for [`Store::record_queue_outcomes`]).
+    /// Row id (for [`Store::record_delivery_outcomes`]).
     pub id: i64,
     /// The forward path.
     pub address: String,
@@ -227,7 +227,7 @@ impl Store {
 
     /// Claims the recipients due at `now` (at most `limit`), grouped by message and domain, and
     /// pushes their next attempt `lease` ahead so no other runner (another node) takes them
-    /// meanwhile; [`Store::record_queue_outcomes`] then sets their real state. A runner that dies
+    /// meanwhile; [`Store::record_delivery_outcomes`] then sets their real state. A runner that dies
     /// mid-delivery leaves them to be retried once the lease runs out.
     pub async fn claim_due(
         &self,
@@ -279,12 +279,6 @@ impl Store {
     /// The sealed bytes of a queued message.
     pub async fn read_queued_blob(&self, message: &QueuedMessage) -> Result<BlobReader, StoreError> {
         Ok(self.inner.blobs.get(&message.blob_id).await?)
-    }
-
-    /// Records what happened to recipients (by [`QueuedRecipient::id`]) without saying how the
-    /// attempt went out: [`Store::record_delivery_outcomes`] with `None`.
-    pub async fn record_queue_outcomes(&self, outcomes: &[(i64, QueueOutcome)]) -> Result<(), StoreError> {
-        self.record_delivery_outcomes(outcomes, None).await
     }
 
     /// Records what happened to recipients (by [`QueuedRecipient::id`]) in one delivery attempt
